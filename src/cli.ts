@@ -1,0 +1,127 @@
+// Entry point for the npm scripts: start | worker | migrate | migrate-commit | export-schema.
+import "./env.ts";
+import { writeFileSync } from "node:fs";
+import path from "node:path";
+import { ConfigError, loadConfig, type Config } from "./config.ts";
+import { prepareDatabase, type Database } from "./db/database.ts";
+import { commitMigration, projectRoot } from "./db/migrate.ts";
+import { loadDemo } from "./demo/index.ts";
+import { log } from "./log.ts";
+import { startServer, type RunningServer } from "./server/app.ts";
+import { exportSchema } from "./server/schema-export.ts";
+import { startWorker, type Worker } from "./worker.ts";
+
+type Stoppable = { name: string; stop: () => Promise<void> };
+
+function onShutdown(parts: Stoppable[]): void {
+  let stopping = false;
+  const shutdown = async (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info("shutting down", { signal });
+    // Stop in reverse order of start: HTTP, then worker (drains running jobs), then the database.
+    for (const part of [...parts].reverse()) {
+      try {
+        await part.stop();
+      } catch (error) {
+        log.error(`failed to stop ${part.name}`, { error: (error as Error).message });
+      }
+    }
+    log.info("stopped");
+    process.exit(0);
+  };
+  process.once("SIGINT", () => void shutdown("SIGINT"));
+  process.once("SIGTERM", () => void shutdown("SIGTERM"));
+}
+
+async function start(config: Config, opts: { server: boolean; worker: boolean }): Promise<void> {
+  const parts: Stoppable[] = [];
+  onShutdown(parts);
+  const db: Database = await prepareDatabase(config);
+  parts.push({ name: "database", stop: () => db.stop() });
+  const roles = db.migrationTarget.roles;
+
+  if (opts.server && config.demo) {
+    const demo = await loadDemo(db.ownerUrl, roles, config.demoPassword);
+    if (demo.created) {
+      console.log(
+        `\nDemo users created (shown once; set DEMO_PASSWORD to choose it):\n` +
+          `  admin   ${demo.created.adminEmail}  password: ${demo.created.password}\n` +
+          `  editor  ${demo.created.editorEmail}  password: ${demo.created.password}\n`,
+      );
+    }
+  }
+  let worker: Worker | undefined;
+  if (opts.worker) {
+    worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: config.worker.concurrency });
+    parts.push({ name: "worker", stop: () => worker!.stop() });
+  }
+  let server: RunningServer | undefined;
+  if (opts.server) {
+    server = await startServer({
+      ownerUrl: db.ownerUrl,
+      authenticatorUrl: db.authenticatorUrl,
+      jwtSecret: db.jwtSecret,
+      roles,
+      host: config.host,
+      port: config.port,
+    });
+    parts.push({ name: "http server", stop: () => server!.close() });
+  }
+  const where = db.embedded ? "embedded PostgreSQL in " + path.relative(projectRoot, config.dataDir) : "DATABASE_URL";
+  const lines = [`Snapbase is running (database: ${where}${worker ? "; worker in this process" : ""})`];
+  if (server) {
+    lines.push(
+      `  GraphQL     ${server.url}/graphql  (WebSocket subscriptions on the same path)`,
+      `  GraphiQL    ${server.url}/graphiql`,
+      `  REST        ${server.url}/api/v1`,
+      `  health      ${server.url}/healthz   readiness ${server.url}/readyz`,
+    );
+  }
+  console.log(lines.join("\n") + "\nPress Ctrl-C to stop.");
+}
+
+async function main(): Promise<void> {
+  const [command = "start", ...args] = process.argv.slice(2);
+  const config = loadConfig();
+  switch (command) {
+    case "start":
+      return start(config, { server: true, worker: config.worker.enabled && !args.includes("--no-worker") });
+    case "worker":
+      return start(config, { server: false, worker: true });
+    case "migrate": {
+      const db = await prepareDatabase(config);
+      log.info("database is migrated");
+      await db.stop();
+      return;
+    }
+    case "migrate-commit": {
+      const db = await prepareDatabase(config, { migrate: false });
+      try {
+        await commitMigration(db.migrationTarget, args.join(" ") || undefined);
+      } finally {
+        await db.stop();
+      }
+      return;
+    }
+    case "export-schema": {
+      const db = await prepareDatabase(config);
+      try {
+        const sdl = await exportSchema({ authenticatorUrl: db.authenticatorUrl, jwtSecret: db.jwtSecret, roles: db.migrationTarget.roles });
+        writeFileSync(path.join(projectRoot, "schema.graphql"), sdl);
+        log.info("wrote schema.graphql");
+      } finally {
+        await db.stop();
+      }
+      return;
+    }
+    default:
+      throw new Error(`unknown command ${JSON.stringify(command)} (start, worker, migrate, migrate-commit, export-schema)`);
+  }
+}
+
+main().catch((error: unknown) => {
+  if (error instanceof ConfigError) console.error(error.message);
+  else log.error("fatal", { error: error instanceof Error ? (error.stack ?? error.message) : String(error) });
+  process.exit(1);
+});

@@ -1,0 +1,28 @@
+// Development secrets generated once and kept beside the embedded data (never in git),
+// so restarts reuse the same passwords and existing JWTs stay valid.
+import { randomBytes } from "node:crypto";
+import { mkdirSync, readFileSync, writeFileSync, existsSync } from "node:fs";
+import path from "node:path";
+
+export interface LocalSecrets {
+  superuserPassword: string;
+  ownerPassword: string;
+  authenticatorPassword: string;
+  jwtSecret: string;
+}
+
+const generate = (): string => randomBytes(24).toString("base64url");
+
+export function loadLocalSecrets(dataDir: string): LocalSecrets {
+  const file = path.join(dataDir, "secrets.json");
+  if (existsSync(file)) return JSON.parse(readFileSync(file, "utf8")) as LocalSecrets;
+  mkdirSync(dataDir, { recursive: true });
+  const secrets: LocalSecrets = {
+    superuserPassword: generate(),
+    ownerPassword: generate(),
+    authenticatorPassword: generate(),
+    jwtSecret: randomBytes(48).toString("base64url"),
+  };
+  writeFileSync(file, JSON.stringify(secrets, null, 2) + "\n", { mode: 0o600 });
+  return secrets;
+}

@@ -1,0 +1,44 @@
+// Loads the demo once: the `dev` tables and two users (admin and editor). The users'
+// password is DEMO_PASSWORD, or generated and printed once at first start.
+import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import pg from "pg";
+import type { RoleNames } from "../config.ts";
+import { fillPlaceholders } from "../db/migrate.ts";
+
+export const DEMO_ADMIN_EMAIL = "admin@example.com";
+export const DEMO_EDITOR_EMAIL = "editor@example.com";
+
+export interface DemoResult {
+  /** Set only when the demo was created by this call: the credentials to print. */
+  created?: { adminEmail: string; editorEmail: string; password: string };
+}
+
+const demoSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo.sql");
+
+export async function loadDemo(ownerUrl: string, roles: RoleNames, password?: string): Promise<DemoResult> {
+  const client = new pg.Client({ connectionString: ownerUrl });
+  await client.connect();
+  try {
+    await client.query("begin");
+    await client.query("select pg_advisory_xact_lock(hashtext('snapbase demo'))");
+    const { rows } = await client.query("select to_regclass('dev.users') is not null as present");
+    if (rows[0].present) {
+      await client.query("commit");
+      return {};
+    }
+    const demoPassword = password ?? randomBytes(9).toString("base64url");
+    await client.query(fillPlaceholders(readFileSync(demoSqlPath, "utf8"), roles));
+    await client.query("select snapbase.create_user($1, $2, 'admin')", [DEMO_ADMIN_EMAIL, demoPassword]);
+    await client.query("select snapbase.create_user($1, $2, 'editor')", [DEMO_EDITOR_EMAIL, demoPassword]);
+    await client.query("commit");
+    return { created: { adminEmail: DEMO_ADMIN_EMAIL, editorEmail: DEMO_EDITOR_EMAIL, password: demoPassword } };
+  } catch (error) {
+    await client.query("rollback").catch(() => {});
+    throw error;
+  } finally {
+    await client.end();
+  }
+}

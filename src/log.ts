@@ -1,0 +1,21 @@
+// Structured logs: one JSON object per line on stdout, so any collector can parse them.
+type Level = "debug" | "info" | "warn" | "error";
+const order: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 };
+let threshold: number = order[(process.env.LOG_LEVEL as Level) ?? "info"] ?? order.info;
+
+export function setLogLevel(level: Level): void {
+  threshold = order[level];
+}
+
+function write(level: Level, msg: string, fields?: Record<string, unknown>): void {
+  if (order[level] < threshold) return;
+  const line = JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields });
+  (level === "error" || level === "warn" ? process.stderr : process.stdout).write(line + "\n");
+}
+
+export const log = {
+  debug: (msg: string, fields?: Record<string, unknown>) => write("debug", msg, fields),
+  info: (msg: string, fields?: Record<string, unknown>) => write("info", msg, fields),
+  warn: (msg: string, fields?: Record<string, unknown>) => write("warn", msg, fields),
+  error: (msg: string, fields?: Record<string, unknown>) => write("error", msg, fields),
+};

@@ -1,0 +1,52 @@
+// graphile-worker: every file in tasks/ is a task whose id is its file name.
+import { parseCrontab, run, type Runner, type TaskList, type Task } from "graphile-worker";
+import { readdirSync } from "node:fs";
+import path from "node:path";
+import pg from "pg";
+import { projectRoot } from "./db/migrate.ts";
+import { log } from "./log.ts";
+
+const tasksFolder = path.join(projectRoot, "tasks");
+
+export async function loadTaskList(): Promise<TaskList> {
+  const taskList: TaskList = {};
+  for (const file of readdirSync(tasksFolder).filter((f) => f.endsWith(".ts")).sort()) {
+    const mod = (await import(path.join(tasksFolder, file))) as { default?: Task };
+    if (typeof mod.default !== "function") throw new Error(`tasks/${file} must default-export a task function`);
+    taskList[path.basename(file, ".ts")] = mod.default;
+  }
+  return taskList;
+}
+
+/** Recurring jobs (graphile-worker crontab syntax). */
+export const crontab = ["0 * * * * retention ?max=3"].join("\n");
+
+export interface Worker {
+  runner: Runner;
+  /** Drains running jobs, then closes the worker's connections. */
+  stop(): Promise<void>;
+}
+
+export async function startWorker(opts: { ownerUrl: string; concurrency: number }): Promise<Worker> {
+  const taskList = await loadTaskList();
+  // Our own pool, so shutdown can close every connection before PostgreSQL stops
+  // and a connection dropped by the server is logged instead of crashing the process.
+  const pgPool = new pg.Pool({ connectionString: opts.ownerUrl, max: opts.concurrency + 2 });
+  pgPool.on("error", (e) => log.warn("worker connection failed", { error: e.message }));
+  const runner = await run({
+    pgPool,
+    concurrency: opts.concurrency,
+    taskList,
+    parsedCronItems: parseCrontab(Object.keys(taskList).includes("retention") ? crontab : ""),
+    noHandleSignals: true,
+    pollInterval: 2000,
+  });
+  log.info("worker started", { tasks: Object.keys(taskList), concurrency: opts.concurrency });
+  return {
+    runner,
+    stop: async () => {
+      await runner.stop();
+      await pgPool.end();
+    },
+  };
+}

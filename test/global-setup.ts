@@ -1,0 +1,66 @@
+// Prepares a fresh database from the migrations for every run: TEST_DATABASE_URL's
+// server if given (it must allow creating roles and databases), else an embedded one.
+import path from "node:path";
+import pg from "pg";
+import type { TestProject } from "vitest/node";
+import { roleNames, type RoleNames } from "../src/config.ts";
+import { bootstrapCluster } from "../src/db/bootstrap.ts";
+import { applyDatabaseSettings } from "../src/db/database.ts";
+import { startEmbeddedPostgres, type EmbeddedServer } from "../src/db/embedded.ts";
+import { loadLocalSecrets } from "../src/db/local-secrets.ts";
+import { projectRoot, runMigrations } from "../src/db/migrate.ts";
+import { urlFor } from "./urls.ts";
+
+export interface TestDatabase {
+  rootUrl: string;
+  ownerUrl: string;
+  authenticatorUrl: string;
+  roles: RoleNames;
+  jwtSecret: string;
+}
+
+declare module "vitest" {
+  export interface ProvidedContext {
+    db: TestDatabase;
+  }
+}
+
+export const TEST_ROLE_PREFIX = "snapbase_test";
+const OWNER_PASSWORD = "test-owner-password";
+const AUTHENTICATOR_PASSWORD = "test-authenticator-password";
+
+
+let embedded: EmbeddedServer | undefined;
+
+export default async function setup(project: TestProject) {
+  let serverUrl: string;
+  let database = "snapbase_test";
+  if (process.env.TEST_DATABASE_URL) {
+    serverUrl = process.env.TEST_DATABASE_URL;
+    database = decodeURIComponent(new URL(serverUrl).pathname.slice(1)) || database;
+  } else {
+    const dataDir = path.join(projectRoot, ".snapbase", "test");
+    const secrets = loadLocalSecrets(dataDir);
+    embedded = await startEmbeddedPostgres({ dataDir, port: 54339, superuserPassword: secrets.superuserPassword });
+    serverUrl = embedded.rootUrl();
+  }
+  const rootUrl = urlFor(serverUrl, decodeURIComponent(new URL(serverUrl).username) || "postgres",
+    new URL(serverUrl).password ? decodeURIComponent(new URL(serverUrl).password) : undefined, "postgres");
+  const root = new pg.Client({ connectionString: rootUrl });
+  await root.connect();
+  await root.query(`drop database if exists ${root.escapeIdentifier(database)} with (force)`);
+  await root.end();
+
+  const roles = roleNames(TEST_ROLE_PREFIX);
+  await bootstrapCluster({ rootUrl, database, roles, ownerPassword: OWNER_PASSWORD, authenticatorPassword: AUTHENTICATOR_PASSWORD });
+  const ownerUrl = urlFor(serverUrl, roles.owner, OWNER_PASSWORD, database);
+  const authenticatorUrl = urlFor(serverUrl, roles.authenticator, AUTHENTICATOR_PASSWORD, database);
+  await runMigrations({ ownerUrl, roles, rootUrl }, { includeCurrent: true });
+  const jwtSecret = "test-secret-that-is-at-least-32-characters-long";
+  await applyDatabaseSettings(ownerUrl, { jwtSecret, jwtTtl: "1 hour", allowSelfApproval: false });
+
+  project.provide("db", { rootUrl, ownerUrl, authenticatorUrl, roles, jwtSecret });
+  return async () => {
+    await embedded?.stop();
+  };
+}

@@ -1,0 +1,150 @@
+// Shared test helpers: act as a role inside a transaction that is rolled back,
+// create committed users for HTTP tests, and run the real server on a free port.
+import { randomBytes } from "node:crypto";
+import pg from "pg";
+import { afterAll, inject } from "vitest";
+import { startServer, type RunningServer } from "../src/server/app.ts";
+
+export const db = inject("db");
+
+const pools: pg.Pool[] = [];
+afterAll(async () => {
+  await Promise.all(pools.splice(0).map((p) => p.end()));
+});
+
+function pool(url: string): pg.Pool {
+  const p = new pg.Pool({ connectionString: url, max: 6 });
+  pools.push(p);
+  return p;
+}
+let ownerPool: pg.Pool | undefined;
+let authPool: pg.Pool | undefined;
+export const owner = (): pg.Pool => (ownerPool ??= pool(db.ownerUrl));
+export const authenticator = (): pg.Pool => (authPool ??= pool(db.authenticatorUrl));
+
+export type AppRole = "anonymous" | "viewer" | "editor" | "admin" | "agent";
+
+export interface Actor {
+  role: AppRole;
+  userId?: number | string;
+  email?: string;
+  extra?: Record<string, string>;
+}
+
+export function settingsFor(actor: Actor): Record<string, string> {
+  const s: Record<string, string> = { role: db.roles[actor.role] };
+  if (actor.userId !== undefined) s["jwt.claims.user_id"] = String(actor.userId);
+  if (actor.email !== undefined) s["jwt.claims.email"] = actor.email;
+  if (actor.role !== "anonymous") s["jwt.claims.role"] = actor.role;
+  return { ...s, ...actor.extra };
+}
+
+/** Runs fn as the actor in a transaction that is always rolled back. */
+export async function asActor<T>(actor: Actor, fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
+  const client = await authenticator().connect();
+  try {
+    await client.query("begin");
+    const s = settingsFor(actor);
+    await client.query("select set_config(k, v, true) from unnest($1::text[], $2::text[]) s(k, v)", [Object.keys(s), Object.values(s)]);
+    return await fn(client);
+  } finally {
+    await client.query("rollback").catch(() => {});
+    client.release();
+  }
+}
+
+/** Runs fn as the database owner (a DBA in psql) in a transaction that is rolled back. */
+export async function asOwner<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<T> {
+  const client = await owner().connect();
+  try {
+    await client.query("begin");
+    return await fn(client);
+  } finally {
+    await client.query("rollback").catch(() => {});
+    client.release();
+  }
+}
+
+export const uniqueEmail = (label: string): string => `${label}-${randomBytes(5).toString("hex")}@example.com`;
+export const TEST_PASSWORD = "correct horse battery";
+
+export interface TestUser {
+  id: string;
+  email: string;
+  role: "viewer" | "editor" | "admin";
+}
+
+/** Creates (and commits) a user, as a DBA would. */
+export async function createUser(role: TestUser["role"], label: string = role): Promise<TestUser> {
+  const email = uniqueEmail(label);
+  const { rows } = await owner().query("select id from snapbase.create_user($1, $2, $3)", [email, TEST_PASSWORD, role]);
+  return { id: String(rows[0].id), email, role };
+}
+
+export const actorOf = (u: TestUser): Actor => ({ role: u.role, userId: u.id, email: u.email });
+
+/** Signs in through SQL (the same function REST and GraphQL use) and returns the JWT. */
+export async function tokenFor(u: TestUser): Promise<string> {
+  const { rows } = await owner().query("select snapbase.authenticate($1, $2) as token", [u.email, TEST_PASSWORD]);
+  return rows[0].token;
+}
+
+export async function startTestServer(): Promise<RunningServer> {
+  return startServer({
+    ownerUrl: db.ownerUrl,
+    authenticatorUrl: db.authenticatorUrl,
+    jwtSecret: db.jwtSecret,
+    roles: db.roles,
+    host: "127.0.0.1",
+    port: 0,
+  });
+}
+
+export interface HttpResult<T = any> {
+  status: number;
+  body: T;
+}
+
+export async function http<T = any>(
+  base: string,
+  method: string,
+  path: string,
+  opts: { token?: string; body?: unknown; rawBody?: string } = {},
+): Promise<HttpResult<T>> {
+  const headers: Record<string, string> = {};
+  if (opts.token) headers.authorization = `Bearer ${opts.token}`;
+  if (opts.body !== undefined || opts.rawBody !== undefined) headers["content-type"] = "application/json";
+  const res = await fetch(base + path, {
+    method,
+    headers,
+    body: opts.rawBody ?? (opts.body === undefined ? undefined : JSON.stringify(opts.body)),
+  });
+  const text = await res.text();
+  let body: any = text;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    /* not JSON: keep the text */
+  }
+  return { status: res.status, body };
+}
+
+export async function graphql<T = any>(
+  base: string,
+  query: string,
+  variables: Record<string, unknown> = {},
+  token?: string,
+): Promise<HttpResult<{ data?: T; errors?: { message: string; extensions?: { code?: string } }[] }>> {
+  return http(base, "POST", "/graphql", { token, body: { query, variables } });
+}
+
+/** The SQLSTATE of the error fn throws (fails the test if it does not throw). */
+export async function sqlState(fn: () => Promise<unknown>): Promise<{ code: string; message: string }> {
+  try {
+    await fn();
+  } catch (error) {
+    const e = error as { code?: string; message: string };
+    return { code: e.code ?? "", message: e.message };
+  }
+  throw new Error("expected a database error, but the call succeeded");
+}
