@@ -33,6 +33,7 @@ export async function startWorker(opts: { ownerUrl: string; concurrency: number 
   // and a connection dropped by the server is logged instead of crashing the process.
   const pgPool = new pg.Pool({ connectionString: opts.ownerUrl, max: opts.concurrency + 2 });
   pgPool.on("error", (e) => log.warn("worker connection failed", { error: e.message }));
+  pgPool.on("connect", (client) => client.on("error", (e) => log.warn("worker connection failed", { error: e.message })));
   const runner = await run({
     pgPool,
     concurrency: opts.concurrency,

@@ -37,3 +37,9 @@ insert into dev.products (sku, name, price, tags, attributes) values
 -- Everyone may read; only admins write, and they do it by approving change requests.
 grant select on all tables in schema dev to :ROLE_VIEWER;
 grant insert, update, delete on all tables in schema dev to :ROLE_ADMIN;
+
+-- Under change control, with a first snapshot each.
+select snapbase.register_table('dev.users', keep_last => 50);
+select snapbase.register_table('dev.products', keep_last => 20, keep_days => 90);
+select snapbase.take_snapshot('dev.users', 'initial demo data');
+select snapbase.take_snapshot('dev.products', 'initial demo data');

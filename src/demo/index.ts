@@ -17,6 +17,7 @@ export interface DemoResult {
 }
 
 const demoSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo.sql");
+const demoChangesSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo-changes.sql");
 
 export async function loadDemo(ownerUrl: string, roles: RoleNames, password?: string): Promise<DemoResult> {
   const client = new pg.Client({ connectionString: ownerUrl });
@@ -32,7 +33,13 @@ export async function loadDemo(ownerUrl: string, roles: RoleNames, password?: st
     const demoPassword = password ?? randomBytes(9).toString("base64url");
     await client.query(fillPlaceholders(readFileSync(demoSqlPath, "utf8"), roles));
     await client.query("select snapbase.create_user($1, $2, 'admin')", [DEMO_ADMIN_EMAIL, demoPassword]);
-    await client.query("select snapbase.create_user($1, $2, 'editor')", [DEMO_EDITOR_EMAIL, demoPassword]);
+    const editor = await client.query("select id from snapbase.create_user($1, $2, 'editor')", [DEMO_EDITOR_EMAIL, demoPassword]);
+    // Submitted as the demo editor: the same claims a signed-in request carries.
+    await client.query(
+      "select set_config('jwt.claims.user_id', $1, true), set_config('jwt.claims.email', $2, true), set_config('jwt.claims.role', 'editor', true)",
+      [String(editor.rows[0].id), DEMO_EDITOR_EMAIL],
+    );
+    await client.query(readFileSync(demoChangesSqlPath, "utf8"));
     await client.query("commit");
     return { created: { adminEmail: DEMO_ADMIN_EMAIL, editorEmail: DEMO_EDITOR_EMAIL, password: demoPassword } };
   } catch (error) {

@@ -11,6 +11,7 @@ import type { RoleNames } from "../config.ts";
 import { migrationsAreCurrent } from "../db/migrate.ts";
 import { log } from "../log.ts";
 import { authRoutes } from "../rest/auth.ts";
+import { changeRoutes } from "../rest/changes.ts";
 import { HttpError, toClientError } from "./errors.ts";
 import { httpPgSettings, makePreset } from "./graphql.ts";
 
@@ -111,6 +112,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use(express.json({ limit: "10mb" }));
   api.use(authenticate(auth));
   api.use(authRoutes({ pool: authPool, roles: opts.roles }));
+  api.use(changeRoutes({ pool: authPool }));
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
