@@ -4,7 +4,7 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import {
-  actorOf, asActor, createUser, db, http, owner, sqlState, startTestServer, TEST_PASSWORD, type TestUser,
+  actorOf, asActor, createUser, db, graphql, http, owner, sqlState, startTestServer, TEST_PASSWORD, type TestUser,
 } from "./helpers.ts";
 
 let server: RunningServer;
@@ -115,6 +115,23 @@ describe("the seed's test script, over HTTP", () => {
     expect(submitted.body.change_request).toMatchObject({ status: "pending", kind: "sql", table_name: "t3.accounts" });
     const noAuth = await http(server.url, "POST", `/api/v1/changes/${id}/reject`);
     expect(noAuth.status).toBe(403);
+  });
+});
+
+describe("GraphQL", () => {
+  it("approves a change and pages through the snapshot's rows as a connection", async () => {
+    const id = await submitAs(editor, "t3.accounts", "update t3.accounts set name = name || '!' where id = 8");
+    const token = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: admin.email, password: TEST_PASSWORD } })).body.token;
+    const approved = await graphql(server.url, `mutation($id: BigInt!) { approveChange(input: { changeId: $id }) { result { status rowsAffected snapshotId errorMessage } } }`, { id }, token);
+    expect(approved.body.data.approveChange.result).toMatchObject({ status: "approved", rowsAffected: "1", errorMessage: null });
+    const snapshotId = approved.body.data.approveChange.result.snapshotId;
+    const page = await graphql(server.url, `query($id: BigInt!) { snapshotRows(snapshotId: $id, first: 5) { nodes { ordinal row } pageInfo { hasNextPage } } }`, { id: snapshotId }, token);
+    expect(page.body.data.snapshotRows.nodes).toHaveLength(5);
+    expect(page.body.data.snapshotRows.pageInfo.hasNextPage).toBe(true);
+    expect(page.body.data.snapshotRows.nodes[0].ordinal).toBe("0");
+    const editorToken = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: editor.email, password: TEST_PASSWORD } })).body.token;
+    const denied = await graphql(server.url, `mutation($id: BigInt!) { rejectChange(input: { changeId: $id }) { result { status } } }`, { id }, editorToken);
+    expect(denied.body.errors?.[0]?.extensions?.code).toBe("42501");
   });
 });
 
