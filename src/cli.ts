@@ -53,7 +53,7 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
   }
   let worker: Worker | undefined;
   if (opts.worker) {
-    worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: config.worker.concurrency });
+    worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: config.worker.concurrency, credentialsKey: db.credentialsKey });
     parts.push({ name: "worker", stop: () => worker!.stop() });
   }
   let server: RunningServer | undefined;
@@ -65,6 +65,8 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
       roles,
       host: config.host,
       port: config.port,
+      statementTimeoutMs: config.statementTimeoutMs,
+      credentialsKey: db.credentialsKey,
     });
     parts.push({ name: "http server", stop: () => server!.close() });
   }

@@ -29,12 +29,16 @@ export interface Config {
   roles: RoleNames;
   jwtSecret?: string;
   jwtTtl: string;
+  /** Encrypts connector credentials; never stored in the database. */
+  credentialsKey?: string;
   dataDir: string;
   embeddedPort: number;
   worker: { enabled: boolean; concurrency: number };
   demo: boolean;
   demoPassword?: string;
   allowSelfApproval: boolean;
+  /** statement_timeout for every API request, in ms (0: none). */
+  statementTimeoutMs: number;
 }
 
 export class ConfigError extends Error {
@@ -114,6 +118,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     if (!jwtSecret) problems.push("JWT_SECRET is required in production (at least 32 characters)");
     if (!databaseUrl) problems.push("DATABASE_URL is required in production (the embedded PostgreSQL is for development)");
   }
+  const credentialsKey = env.SNAPBASE_CREDENTIALS_KEY || undefined;
+  if (nodeEnv === "production" && !credentialsKey) problems.push("SNAPBASE_CREDENTIALS_KEY is required in production (at least 32 characters)");
+  if (credentialsKey !== undefined && credentialsKey.length < 32) problems.push("SNAPBASE_CREDENTIALS_KEY must be at least 32 characters");
   if (jwtSecret !== undefined && jwtSecret.length < 32) {
     problems.push("JWT_SECRET must be at least 32 characters");
   }
@@ -133,6 +140,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     roles: roleNames(rolePrefix, databaseUrl ? urlUser(databaseUrl) : undefined),
     jwtSecret,
     jwtTtl,
+    credentialsKey,
     dataDir: path.resolve(env.SNAPBASE_DATA_DIR || ".snapbase"),
     embeddedPort: parseInt10("EMBEDDED_PG_PORT", env.EMBEDDED_PG_PORT, 54329, 1024, 65535, problems),
     worker: {
@@ -142,6 +150,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     demo: parseBool("SNAPBASE_DEMO", env.SNAPBASE_DEMO, nodeEnv !== "production", problems),
     demoPassword: env.DEMO_PASSWORD || undefined,
     allowSelfApproval: parseBool("ALLOW_SELF_APPROVAL", env.ALLOW_SELF_APPROVAL, false, problems),
+    statementTimeoutMs: parseInt10("STATEMENT_TIMEOUT_MS", env.STATEMENT_TIMEOUT_MS, 60000, 0, 3600000, problems),
   };
   if (config.demoPassword !== undefined && config.demoPassword.length < 8) {
     problems.push("DEMO_PASSWORD must be at least 8 characters");

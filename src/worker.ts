@@ -4,6 +4,7 @@ import { readdirSync } from "node:fs";
 import path from "node:path";
 import pg from "pg";
 import { projectRoot } from "./db/migrate.ts";
+import { setJobContext } from "./jobs/context.ts";
 import { log } from "./log.ts";
 
 const tasksFolder = path.join(projectRoot, "tasks");
@@ -27,7 +28,8 @@ export interface Worker {
   stop(): Promise<void>;
 }
 
-export async function startWorker(opts: { ownerUrl: string; concurrency: number }): Promise<Worker> {
+export async function startWorker(opts: { ownerUrl: string; concurrency: number; credentialsKey: string }): Promise<Worker> {
+  setJobContext({ credentialsKey: opts.credentialsKey, ownerUrl: opts.ownerUrl });
   const taskList = await loadTaskList();
   // Our own pool, so shutdown can close every connection before PostgreSQL stops
   // and a connection dropped by the server is logged instead of crashing the process.

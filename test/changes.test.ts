@@ -264,6 +264,27 @@ describe("snapshots", () => {
     expect(page.map((p) => [p.ordinal, p.row.id, p.row.label])).toEqual([["24999", 25000, "changed"], ["25000", 25001, md5(25001)]]);
   });
 
+  it("chunks composite, text and missing primary keys completely, in key order, sharing unchanged chunks", async () => {
+    await q(`
+      create table t3.pair (a int, b text, v int, primary key (a, b));
+      insert into t3.pair select n % 37, 'k' || n, n from generate_series(1, 5000) n;
+      create table t3.named (code text primary key, v int);
+      insert into t3.named select md5(n::text), n from generate_series(1, 5000) n;
+      create table t3.loose (v int, w text);
+      insert into t3.loose select n % 1000, 'w' || n from generate_series(1, 5000) n;
+      select snapbase.register_table('t3.pair'), snapbase.register_table('t3.named'), snapbase.register_table('t3.loose');`);
+    for (const [table, key] of [["t3.pair", "a, b"], ["t3.named", "code"], ["t3.loose", "t::text"]] as const) {
+      const [snap] = await q(`select * from snapbase.take_snapshot('${table}', 'keys')`);
+      expect(snap.chunk_count, table).toBeGreaterThan(5);
+      const rows = await snapshotRows(snap.id);
+      const live = (await q(`select to_jsonb(t) as r from ${table} t order by ${key}`)).map((r) => r.r);
+      if (key === "t::text") expect(rows.map((r) => JSON.stringify(r)).sort(), table).toEqual(live.map((r) => JSON.stringify(r)).sort());
+      else expect(rows, table).toEqual(live);
+      const [again] = await q(`select * from snapbase.take_snapshot('${table}', 'unchanged')`);
+      expect(again.new_stored_bytes, table).toBe("0");
+    }
+  });
+
   it("every column type round-trips exactly, through snapshot and restore", async () => {
     await q(`
       create type t3.mood as enum ('happy', 'sad');
@@ -299,7 +320,7 @@ newline', true, null),
     expect(cr).toMatchObject({ status: "approved", kind: "restore", rows_affected: "4", restore_snapshot_id: snap.id });
     expect(await tableRows("t3.accounts")).toEqual(await snapshotRows(snap.id));
     expect(await snapshotRows(cr.snapshot_id)).toEqual(await snapshotRows(snap.id));
-    expect(await q("select action from snapbase.audit_log where subject_id = $1 order by id", [String(cr.id)])).toEqual([{ action: "submit" }, { action: "restore" }]);
+    expect(await q("select action from snapbase.audit_log where subject_type = 'change_request' and subject_id = $1 order by id", [String(cr.id)])).toEqual([{ action: "submit" }, { action: "restore" }]);
   });
 
   it("restore refuses, clearly, a snapshot whose columns no longer fit the table", async () => {

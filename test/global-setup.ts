@@ -9,7 +9,7 @@ import { applyDatabaseSettings } from "../src/db/database.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../src/db/embedded.ts";
 import { loadLocalSecrets } from "../src/db/local-secrets.ts";
 import { projectRoot, runMigrations } from "../src/db/migrate.ts";
-import { urlFor } from "./urls.ts";
+import { withUrlParts } from "../src/db/urls.ts";
 
 export interface TestDatabase {
   rootUrl: string;
@@ -44,8 +44,7 @@ export default async function setup(project: TestProject) {
     embedded = await startEmbeddedPostgres({ dataDir, port: 54339, superuserPassword: secrets.superuserPassword });
     serverUrl = embedded.rootUrl();
   }
-  const rootUrl = urlFor(serverUrl, decodeURIComponent(new URL(serverUrl).username) || "postgres",
-    new URL(serverUrl).password ? decodeURIComponent(new URL(serverUrl).password) : undefined, "postgres");
+  const rootUrl = withUrlParts(serverUrl, { user: decodeURIComponent(new URL(serverUrl).username) || "postgres", database: "postgres" });
   const root = new pg.Client({ connectionString: rootUrl });
   await root.connect();
   await root.query(`drop database if exists ${root.escapeIdentifier(database)} with (force)`);
@@ -53,8 +52,8 @@ export default async function setup(project: TestProject) {
 
   const roles = roleNames(TEST_ROLE_PREFIX);
   await bootstrapCluster({ rootUrl, database, roles, ownerPassword: OWNER_PASSWORD, authenticatorPassword: AUTHENTICATOR_PASSWORD });
-  const ownerUrl = urlFor(serverUrl, roles.owner, OWNER_PASSWORD, database);
-  const authenticatorUrl = urlFor(serverUrl, roles.authenticator, AUTHENTICATOR_PASSWORD, database);
+  const ownerUrl = withUrlParts(serverUrl, { user: roles.owner, password: OWNER_PASSWORD, database });
+  const authenticatorUrl = withUrlParts(serverUrl, { user: roles.authenticator, password: AUTHENTICATOR_PASSWORD, database });
   await runMigrations({ ownerUrl, roles, rootUrl }, { includeCurrent: true });
   const jwtSecret = "test-secret-that-is-at-least-32-characters-long";
   await applyDatabaseSettings(ownerUrl, { jwtSecret, jwtTtl: "1 hour", allowSelfApproval: false });

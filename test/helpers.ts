@@ -67,6 +67,7 @@ export async function asOwner<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<
 
 export const uniqueEmail = (label: string): string => `${label}-${randomBytes(5).toString("hex")}@example.com`;
 export const TEST_PASSWORD = "correct horse battery";
+export const TEST_CREDENTIALS_KEY = "test-credentials-key-of-at-least-32-characters";
 
 export interface TestUser {
   id: string;
@@ -89,7 +90,7 @@ export async function tokenFor(u: TestUser): Promise<string> {
   return rows[0].token;
 }
 
-export async function startTestServer(): Promise<RunningServer> {
+export async function startTestServer(opts: { statementTimeoutMs?: number } = {}): Promise<RunningServer> {
   return startServer({
     ownerUrl: db.ownerUrl,
     authenticatorUrl: db.authenticatorUrl,
@@ -97,6 +98,8 @@ export async function startTestServer(): Promise<RunningServer> {
     roles: db.roles,
     host: "127.0.0.1",
     port: 0,
+    statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
+    credentialsKey: TEST_CREDENTIALS_KEY,
   });
 }
 
@@ -147,4 +150,15 @@ export async function sqlState(fn: () => Promise<unknown>): Promise<{ code: stri
     return { code: e.code ?? "", message: e.message };
   }
   throw new Error("expected a database error, but the call succeeded");
+}
+
+/** Waits until a snapbase.jobs row leaves queued/running (awaiting_approval counts as settled). */
+export async function settled(jobId: string | number, timeoutMs = 30_000) {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const { rows } = await owner().query("select * from snapbase.jobs where id = $1", [jobId]);
+    if (rows[0] && !["queued", "running"].includes(rows[0].state)) return rows[0];
+    if (Date.now() > until) throw new Error(`job ${jobId} still ${rows[0]?.state} after ${timeoutMs} ms: ${JSON.stringify(rows[0])}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

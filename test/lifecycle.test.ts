@@ -8,7 +8,7 @@ import { describe, expect, it } from "vitest";
 import { bootstrapCluster } from "../src/db/bootstrap.ts";
 import { projectRoot, runMigrations } from "../src/db/migrate.ts";
 import { exportSchema } from "../src/server/schema-export.ts";
-import { urlFor } from "./urls.ts";
+import { withUrlParts } from "../src/db/urls.ts";
 import { db, owner } from "./helpers.ts";
 
 interface Started {
@@ -137,7 +137,7 @@ describe("migrations", () => {
     try {
       await root.query(`drop database if exists ${name} with (force)`);
       await bootstrapCluster({ rootUrl: db.rootUrl, database: name, roles: db.roles });
-      const ownerUrl = urlFor(db.ownerUrl, db.roles.owner, decodeURIComponent(new URL(db.ownerUrl).password), name);
+      const ownerUrl = withUrlParts(db.ownerUrl, { database: name });
       await runMigrations({ ownerUrl, roles: db.roles }, { includeCurrent: true });
       const c = new pg.Client({ connectionString: ownerUrl });
       await c.connect();

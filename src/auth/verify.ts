@@ -12,6 +12,10 @@ export interface AuthDeps {
   roles: RoleNames;
   /** Authenticator pool, used to look up API tokens. */
   pool: pg.Pool;
+  /** Bounds every statement of an API request (user filters included); 0 or unset: none. */
+  statementTimeoutMs?: number;
+  /** Lets signed-in users' requests encrypt connector credentials (never decrypt them). */
+  credentialsKey?: string;
 }
 
 const userRoles = new Set(["viewer", "editor", "admin"]);
@@ -19,11 +23,14 @@ const userRoles = new Set(["viewer", "editor", "admin"]);
 export const API_TOKEN_PREFIX = "sbt_";
 
 export async function settingsForAuthorization(header: string | undefined, deps: AuthDeps): Promise<PgSettings> {
-  if (header === undefined || header === "") return { role: deps.roles.anonymous };
+  const timeout: PgSettings = deps.statementTimeoutMs ? { statement_timeout: String(deps.statementTimeoutMs) } : {};
+  if (header === undefined || header === "") return { role: deps.roles.anonymous, ...timeout };
   const match = /^Bearer\s+(\S+)$/i.exec(header.trim());
   if (!match) throw new HttpError(401, "invalid_authorization", "the Authorization header must be 'Bearer <token>'");
   const token = match[1]!;
-  return token.startsWith(API_TOKEN_PREFIX) ? settingsForApiToken(token, deps) : settingsForJwt(token, deps);
+  const settings = token.startsWith(API_TOKEN_PREFIX) ? await settingsForApiToken(token, deps) : settingsForJwt(token, deps);
+  const key: PgSettings = deps.credentialsKey ? { "snapbase.credentials_key": deps.credentialsKey } : {};
+  return { ...settings, ...timeout, ...key };
 }
 
 function settingsForJwt(token: string, deps: AuthDeps): PgSettings {

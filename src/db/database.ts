@@ -8,36 +8,24 @@ import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "./embedded.ts";
 import { loadLocalSecrets } from "./local-secrets.ts";
 import { runMigrations, type MigrationTarget } from "./migrate.ts";
+import { databaseName, withUrlParts } from "./urls.ts";
 
 export interface Database {
   ownerUrl: string;
   authenticatorUrl: string;
   rootUrl?: string;
   jwtSecret: string;
+  /** SNAPBASE_CREDENTIALS_KEY, or the development one kept beside the data. */
+  credentialsKey: string;
   migrationTarget: MigrationTarget;
   embedded?: EmbeddedServer;
   /** Stops the embedded server, if any. */
   stop(): Promise<void>;
 }
 
-function withCredentials(url: string, user: string, password?: string, database?: string): string {
-  const u = new URL(url);
-  u.username = encodeURIComponent(user);
-  u.password = password ? encodeURIComponent(password) : "";
-  if (database) u.pathname = `/${database}`;
-  return u.toString();
-}
-
-const withDatabase = (url: string, database: string): string => {
-  const u = new URL(url);
-  u.pathname = `/${database}`;
-  return u.toString();
-};
-
-export const databaseName = (url: string): string => decodeURIComponent(new URL(url).pathname.slice(1));
 
 export async function prepareDatabase(config: Config, opts: { migrate: boolean } = { migrate: true }): Promise<Database> {
-  const needLocalSecrets = !config.databaseUrl || !config.jwtSecret;
+  const needLocalSecrets = !config.databaseUrl || !config.jwtSecret || !config.credentialsKey;
   const secrets = needLocalSecrets ? loadLocalSecrets(config.dataDir) : undefined;
   let embedded: EmbeddedServer | undefined;
   let ownerUrl: string;
@@ -49,7 +37,7 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
     ownerUrl = config.databaseUrl;
     // The owner may be allowed to create roles (a superuser in development or CI);
     // then it bootstraps through the maintenance database, as ROOT_DATABASE_URL would.
-    const maintenanceUrl = withDatabase(ownerUrl, "postgres");
+    const maintenanceUrl = withUrlParts(ownerUrl, { database: "postgres" });
     if (!rootUrl && (await canCreateRoles(maintenanceUrl).catch(() => false))) rootUrl = maintenanceUrl;
     if (rootUrl) {
       const ownerPassword = new URL(ownerUrl).password;
@@ -82,17 +70,18 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
       await embedded.stop();
       throw error;
     }
-    ownerUrl = withCredentials(rootUrl, roles.owner, secrets!.ownerPassword, "snapbase");
+    ownerUrl = withUrlParts(rootUrl, { user: roles.owner, password: secrets!.ownerPassword, database: "snapbase" });
   }
 
-  const authenticatorUrl = config.authenticatorUrl ?? withCredentials(ownerUrl, roles.authenticator, authenticatorPassword);
+  const authenticatorUrl = config.authenticatorUrl ?? withUrlParts(ownerUrl, { user: roles.authenticator, password: authenticatorPassword ?? null });
   const jwtSecret = config.jwtSecret ?? secrets!.jwtSecret;
+  const credentialsKey = config.credentialsKey ?? secrets!.credentialsKey;
   const migrationTarget: MigrationTarget = {
     ownerUrl,
     roles,
     rootUrl,
     // Only `migrate-commit` uses it: graphile-migrate rebuilds it to check the commit.
-    shadowUrl: rootUrl ? withDatabase(ownerUrl, `${databaseName(ownerUrl)}_shadow`) : undefined,
+    shadowUrl: rootUrl ? withUrlParts(ownerUrl, { database: `${databaseName(ownerUrl)}_shadow` }) : undefined,
   };
 
   try {
@@ -111,6 +100,7 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
     authenticatorUrl,
     rootUrl,
     jwtSecret,
+    credentialsKey,
     migrationTarget,
     embedded,
     stop: async () => {

@@ -9,20 +9,26 @@ export interface LocalSecrets {
   ownerPassword: string;
   authenticatorPassword: string;
   jwtSecret: string;
+  credentialsKey: string;
 }
 
 const generate = (): string => randomBytes(24).toString("base64url");
 
 export function loadLocalSecrets(dataDir: string): LocalSecrets {
   const file = path.join(dataDir, "secrets.json");
-  if (existsSync(file)) return JSON.parse(readFileSync(file, "utf8")) as LocalSecrets;
-  mkdirSync(dataDir, { recursive: true });
-  const secrets: LocalSecrets = {
+  const fresh: LocalSecrets = {
     superuserPassword: generate(),
     ownerPassword: generate(),
     authenticatorPassword: generate(),
     jwtSecret: randomBytes(48).toString("base64url"),
+    credentialsKey: randomBytes(32).toString("base64url"),
   };
-  writeFileSync(file, JSON.stringify(secrets, null, 2) + "\n", { mode: 0o600 });
+  // Files from older versions lack newer secrets: those are added, the rest kept.
+  const existing = existsSync(file) ? (JSON.parse(readFileSync(file, "utf8")) as Partial<LocalSecrets>) : undefined;
+  const secrets = { ...fresh, ...existing };
+  if (!existing || Object.keys(fresh).some((k) => !(k in existing))) {
+    mkdirSync(dataDir, { recursive: true });
+    writeFileSync(file, JSON.stringify(secrets, null, 2) + "\n", { mode: 0o600 });
+  }
   return secrets;
 }

@@ -1,6 +1,7 @@
 // graphile-migrate, driven from code so that role names and connections come from
 // our validated config. `.gmrc` holds the shared settings (folder, placeholders).
 import { commit, migrate, watch, type Settings } from "graphile-migrate";
+import { Logger as WorkerLogger, runMigrations as installWorkerSchema } from "graphile-worker";
 import { readFileSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -52,12 +53,15 @@ function settingsFor(target: MigrationTarget): Settings {
   };
 }
 
-// graphile-migrate logs through @graphile/logger; route it into our JSON logs,
-// keeping only warnings and errors (it narrates every step at info level).
-const quietLogger = new Logger(() => (level, message) => {
-  if (level === "error") log.error(message, { component: "graphile-migrate" });
-  else if (level === "warning") log.warn(message, { component: "graphile-migrate" });
-});
+// graphile-migrate and graphile-worker log through @graphile/logger (each its own
+// copy); route them into our JSON logs, keeping only warnings and errors (they
+// narrate every step at info level).
+const quietLogFactory = (component: string) => () => (level: string, message: string) => {
+  if (level === "error") log.error(message, { component });
+  else if (level === "warning") log.warn(message, { component });
+};
+const quietLogger = new Logger(quietLogFactory("graphile-migrate"));
+const quietWorkerLogger = new WorkerLogger(quietLogFactory("graphile-worker"));
 
 function currentMigrationIsEmpty(): boolean {
   const file = path.join(migrationsFolder, "current.sql");
@@ -76,6 +80,16 @@ function currentMigrationIsEmpty(): boolean {
 export async function runMigrations(target: MigrationTarget, opts: { includeCurrent: boolean }): Promise<void> {
   const settings = settingsFor(target);
   await migrate(settings, false, false);
+  // SQL functions queue jobs with graphile_worker.add_job, so its schema must exist
+  // even before a worker first starts.
+  const pool = new pg.Pool({ connectionString: target.ownerUrl, max: 1 });
+  pool.on("error", (e) => log.warn("worker schema connection failed", { error: e.message }));
+  pool.on("connect", (client) => client.on("error", (e) => log.warn("worker schema connection failed", { error: e.message })));
+  try {
+    await installWorkerSchema({ pgPool: pool, logger: quietWorkerLogger });
+  } finally {
+    await pool.end();
+  }
   if (opts.includeCurrent && !currentMigrationIsEmpty()) await watch(settings, true, false);
   // graphile-migrate keeps its pool open 200 ms after use and exits the process if
   // a pooled connection then dies (as when the embedded server stops right after

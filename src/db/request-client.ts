@@ -26,3 +26,20 @@ export async function withUserTransaction<T>(
     client.release();
   }
 }
+
+/** Rows of a query in batches, through a cursor in the client's open transaction:
+ *  a result of any size is never held in memory. */
+export async function* cursorBatches<R extends pg.QueryResultRow>(
+  client: pg.PoolClient,
+  sql: string,
+  params: unknown[],
+  batchSize: number,
+): AsyncGenerator<R[]> {
+  await client.query(`declare batched_rows no scroll cursor for ${sql}`, params);
+  for (;;) {
+    const { rows } = await client.query<R>(`fetch ${batchSize} from batched_rows`);
+    if (rows.length === 0) break;
+    yield rows;
+  }
+  await client.query("close batched_rows");
+}

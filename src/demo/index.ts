@@ -1,5 +1,5 @@
-// Loads the demo once: the `dev` tables and two users (admin and editor). The users'
-// password is DEMO_PASSWORD, or generated and printed once at first start.
+// Loads the demo once: the `dev` tables, two users (admin and editor), pending change
+// requests and a workbook. The users' password is DEMO_PASSWORD, or generated and printed once at first start.
 import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import path from "node:path";
@@ -17,7 +17,7 @@ export interface DemoResult {
 }
 
 const demoSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo.sql");
-const demoChangesSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo-changes.sql");
+const demoAsEditorSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo-as-editor.sql");
 
 export async function loadDemo(ownerUrl: string, roles: RoleNames, password?: string): Promise<DemoResult> {
   const client = new pg.Client({ connectionString: ownerUrl });
@@ -34,12 +34,12 @@ export async function loadDemo(ownerUrl: string, roles: RoleNames, password?: st
     await client.query(fillPlaceholders(readFileSync(demoSqlPath, "utf8"), roles));
     await client.query("select snapbase.create_user($1, $2, 'admin')", [DEMO_ADMIN_EMAIL, demoPassword]);
     const editor = await client.query("select id from snapbase.create_user($1, $2, 'editor')", [DEMO_EDITOR_EMAIL, demoPassword]);
-    // Submitted as the demo editor: the same claims a signed-in request carries.
+    // Done as the demo editor: the same claims a signed-in request carries.
     await client.query(
       "select set_config('jwt.claims.user_id', $1, true), set_config('jwt.claims.email', $2, true), set_config('jwt.claims.role', 'editor', true)",
       [String(editor.rows[0].id), DEMO_EDITOR_EMAIL],
     );
-    await client.query(readFileSync(demoChangesSqlPath, "utf8"));
+    await client.query(readFileSync(demoAsEditorSqlPath, "utf8"));
     await client.query("commit");
     return { created: { adminEmail: DEMO_ADMIN_EMAIL, editorEmail: DEMO_EDITOR_EMAIL, password: demoPassword } };
   } catch (error) {

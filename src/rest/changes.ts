@@ -2,18 +2,11 @@
 // as the requesting user. Snapshot rows are streamed from a cursor, never buffered.
 import { Router, type Request, type Response } from "express";
 import type pg from "pg";
-import { withUserTransaction } from "../db/request-client.ts";
+import { cursorBatches, withUserTransaction } from "../db/request-client.ts";
 import { HttpError } from "../server/errors.ts";
+import { idParam } from "./params.ts";
 
 const ROWS_PER_FETCH = 2000;
-
-function idParam(req: Request, name: string): string {
-  const raw = req.params[name];
-  if (typeof raw !== "string" || !/^[1-9][0-9]{0,17}$/.test(raw)) {
-    throw new HttpError(400, "invalid_id", `${name} must be a positive integer (got ${JSON.stringify(raw)})`);
-  }
-  return raw;
-}
 
 function bodyOf(req: Request): Record<string, unknown> {
   const body = req.body as unknown;
@@ -123,19 +116,15 @@ export function changeRoutes(deps: { pool: pg.Pool }): Router {
 
 /** Writes {...summary, "snapshot_data": [rows...]} while fetching rows in batches. */
 async function streamSnapshot(c: pg.PoolClient, res: Response, summary: Record<string, unknown>, id: string): Promise<void> {
-  await c.query("declare snapshot_rows no scroll cursor for select \"row\" from snapbase.snapshot_rows($1)", [id]);
   const head = JSON.stringify(summary);
   res.status(200).type("application/json");
   res.write(head.slice(0, -1) + ',"snapshot_data":[');
   let first = true;
-  for (;;) {
-    const { rows } = await c.query(`fetch ${ROWS_PER_FETCH} from snapshot_rows`);
-    if (rows.length === 0) break;
+  for await (const rows of cursorBatches<{ row: unknown }>(c, 'select "row" from snapbase.snapshot_rows($1)', [id], ROWS_PER_FETCH)) {
     const chunk = rows.map((r) => JSON.stringify(r.row)).join(",");
     const ok = res.write((first ? "" : ",") + chunk);
     first = false;
     if (!ok) await new Promise((resolve) => res.once("drain", resolve));
   }
-  await c.query("close snapshot_rows");
   res.end("]}");
 }

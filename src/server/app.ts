@@ -12,6 +12,11 @@ import { migrationsAreCurrent } from "../db/migrate.ts";
 import { log } from "../log.ts";
 import { authRoutes } from "../rest/auth.ts";
 import { changeRoutes } from "../rest/changes.ts";
+import { csvFileRoutes } from "../rest/csv-files.ts";
+import { eventRoutes } from "../rest/events.ts";
+import { exportRoutes } from "../rest/exports.ts";
+import { importRoutes } from "../rest/imports.ts";
+import { EventHub } from "../realtime/hub.ts";
 import { HttpError, toClientError } from "./errors.ts";
 import { httpPgSettings, makePreset } from "./graphql.ts";
 
@@ -22,6 +27,8 @@ export interface ServerOptions {
   roles: RoleNames;
   host: string;
   port: number;
+  statementTimeoutMs?: number;
+  credentialsKey?: string;
 }
 
 export interface RunningServer {
@@ -49,9 +56,18 @@ function requestLog(req: Request, res: Response, next: NextFunction): void {
   next();
 }
 
+// EventSource cannot send headers: event streams also take ?access_token=
+// (a five-minute token from create_stream_token, or an API token).
+function authorizationOf(req: Request): string | undefined {
+  if (req.headers.authorization) return req.headers.authorization;
+  const token = req.query.access_token;
+  if (req.method === "GET" && req.path.endsWith("/events") && typeof token === "string") return `Bearer ${token}`;
+  return undefined;
+}
+
 function authenticate(auth: AuthDeps) {
   return async (req: Request, _res: Response, next: NextFunction) => {
-    const settings = await settingsForAuthorization(req.headers.authorization, auth);
+    const settings = await settingsForAuthorization(authorizationOf(req), auth);
     req.pgSettings = settings;
     httpPgSettings.set(req, settings);
     next();
@@ -80,7 +96,10 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const ownerPool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2 });
   authPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
   ownerPool.on("error", (e) => log.warn("idle owner connection failed", { error: e.message }));
-  const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool };
+  const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs,
+    credentialsKey: opts.credentialsKey };
+
+  const hub = new EventHub(opts.authenticatorUrl);
 
   const app = express();
   app.disable("x-powered-by");
@@ -112,14 +131,19 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use(express.json({ limit: "10mb" }));
   api.use(authenticate(auth));
   api.use(authRoutes({ pool: authPool, roles: opts.roles }));
+  api.use(eventRoutes({ pool: authPool, hub }));
+  api.use(exportRoutes({ pool: authPool }));
+  api.use(importRoutes({ pool: authPool }));
   api.use(changeRoutes({ pool: authPool }));
+  api.use(csvFileRoutes({ pool: authPool }));
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
   app.use("/graphql", authenticate(auth));
 
   const httpServer = createServer(app);
-  const pgl = postgraphile(makePreset({ pool: authPool, auth }));
+  const preset = makePreset({ pool: authPool, auth });
+  const pgl = postgraphile(preset);
   const serv = pgl.createServ(grafserv);
   await serv.addTo(app, httpServer);
   app.use(errorHandler);
@@ -138,6 +162,9 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       httpServer.closeAllConnections();
       await new Promise<void>((resolve) => httpServer.close(() => resolve()));
       await serv.release(); // also releases the PostGraphile instance
+      // The LISTEN client of GraphQL subscriptions goes back to the pool, which can then end.
+      for (const service of preset.pgServices ?? []) service.pgSubscriber?.release?.();
+      await hub.close();
       await Promise.all([authPool.end(), ownerPool.end()]);
     },
   };

@@ -8,6 +8,7 @@ import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
 import { settingsForAuthorization, type AuthDeps, type PgSettings } from "../auth/verify.ts";
 import { log } from "../log.ts";
 import { toClientError } from "./errors.ts";
+import { RealtimePlugin } from "./realtime-plugin.ts";
 
 /** Settings resolved by the HTTP auth middleware before grafserv sees the request. */
 export const httpPgSettings = new WeakMap<IncomingMessage, PgSettings>();
@@ -36,6 +37,7 @@ function maskError(error: GraphQLError): GraphQLError {
 export function makePreset(opts: { pool: pg.Pool; auth: AuthDeps }): GraphileConfig.Preset {
   return {
     extends: [PostGraphileAmberPreset],
+    plugins: [RealtimePlugin],
     pgServices: [makePgService({ pool: opts.pool, schemas: ["snapbase"], pubsub: true })],
     grafserv: {
       graphqlPath: "/graphql",

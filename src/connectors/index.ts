@@ -1,0 +1,39 @@
+// Opens the connector for an account's kind. Credentials come decrypted from the
+// database (snapbase_private.account_credentials) and never leave this process.
+import { csvConnector } from "./csv.ts";
+import { mysqlConnector } from "./mysql.ts";
+import { postgresConnector } from "./postgres.ts";
+import { ConnectorError, type Connector } from "./types.ts";
+
+export type ConnectorKind = "postgres" | "mysql" | "managed" | "csv";
+
+export interface ConnectorOptions {
+  /** The owner's connection string: the `managed` and `csv` connectors read this database with it. */
+  ownerUrl: string;
+  /** The job the connector works for: the `csv` connector records it on the versions it writes. */
+  jobId?: string;
+}
+
+export function openConnector(kind: ConnectorKind, credentials: Record<string, unknown>, opts: ConnectorOptions): Connector {
+  switch (kind) {
+    case "postgres":
+      return postgresConnector({ connectionString: String(credentials.connection_string) });
+    case "mysql":
+      return mysqlConnector({
+        host: String(credentials.host),
+        port: credentials.port === undefined ? undefined : Number(credentials.port),
+        user: String(credentials.user),
+        password: credentials.password === undefined ? undefined : String(credentials.password),
+        database: String(credentials.database),
+      });
+    case "managed":
+      // Reads go straight to this database; writes never do (publish_managed submits
+      // a change request instead).
+      return postgresConnector({ connectionString: opts.ownerUrl });
+    case "csv":
+      // The file lives in this database; create_connector_account checked it is the account owner's.
+      return csvConnector({ fileId: String(credentials.file_id) }, { ownerUrl: opts.ownerUrl, jobId: opts.jobId });
+    default:
+      throw new ConnectorError(`unknown connector kind ${JSON.stringify(kind)}`, { transient: false });
+  }
+}

@@ -1,0 +1,68 @@
+// The one interface every connector implements. Jobs (tasks/download.ts,
+// tasks/publish.ts) talk to external systems only through it.
+//
+// Values cross this boundary as JSON (numbers, strings, booleans, null, arrays,
+// objects). The database types them with the workbook table's column types, so a
+// connector may return a decimal as "12.50" or 12.5: both land as numeric 12.50.
+
+/** A column as a workbook stores it: `type` is a PostgreSQL type name. */
+export interface ColumnSpec {
+  name: string;
+  type: string;
+  /** Never written back (generated, identity, computed at the source). */
+  readOnly: boolean;
+}
+
+export interface TableSpec {
+  /** The table's name at the source, as listTables returns it. */
+  name: string;
+  columns: ColumnSpec[];
+  /** The column whose value identifies a record at the source (its primary key). */
+  remoteIdColumn: string;
+}
+
+export interface RemoteRecord {
+  /** The remote id column's value, as text. */
+  remoteId: string;
+  values: Record<string, unknown>;
+}
+
+/** What happened to one record written to the source, in input order. */
+export type RecordOutcome =
+  | { ok: true; remoteId: string }
+  | { ok: false; error: string };
+
+export interface DownloadOptions {
+  /** Records per batch (the job writes each batch in one transaction). */
+  batchSize: number;
+  signal?: AbortSignal;
+}
+
+export interface Connector {
+  /** Throws ConnectorError when the credentials or the host are wrong. */
+  test(): Promise<void>;
+  listTables(): Promise<string[]>;
+  /** Throws ConnectorError (not transient) when the table is missing or has no single-column primary key. */
+  tableSpec(table: string): Promise<TableSpec>;
+  /** Number of records, for progress. */
+  count(table: string): Promise<number>;
+  /** Every record, in batches, without holding the table in memory. */
+  download(table: string, opts: DownloadOptions): AsyncIterable<RemoteRecord[]>;
+  /** The source's current values of these records; missing ids are absent from the map. */
+  fetch(table: string, remoteIds: string[]): Promise<Map<string, Record<string, unknown>>>;
+  create(table: string, records: Record<string, unknown>[]): Promise<RecordOutcome[]>;
+  /** Each update carries only the fields to change. */
+  update(table: string, records: { remoteId: string; values: Record<string, unknown> }[]): Promise<RecordOutcome[]>;
+  delete(table: string, remoteIds: string[]): Promise<RecordOutcome[]>;
+  close(): Promise<void>;
+}
+
+/** A failure talking to the source. Transient ones (network, timeouts) are retried with backoff. */
+export class ConnectorError extends Error {
+  readonly transient: boolean;
+  constructor(message: string, opts: { transient: boolean; cause?: unknown }) {
+    super(message, { cause: opts.cause });
+    this.name = "ConnectorError";
+    this.transient = opts.transient;
+  }
+}

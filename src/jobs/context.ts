@@ -1,0 +1,18 @@
+// What tasks need from the process that runs them, set once by startWorker.
+export interface JobContext {
+  /** Decrypts connector credentials (the database alone cannot). */
+  credentialsKey: string;
+  /** The owner's connection string: the `managed` connector reads this database with it. */
+  ownerUrl: string;
+}
+
+let context: JobContext | undefined;
+
+export function setJobContext(c: JobContext): void {
+  context = c;
+}
+
+export function jobContext(): JobContext {
+  if (!context) throw new Error("tasks that talk to sources need the worker started by startWorker()");
+  return context;
+}

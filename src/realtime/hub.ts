@@ -1,0 +1,91 @@
+// One LISTEN connection per server process, shared by every event stream. Each
+// topic's channel ("snapbase_events:<topic>") is listened to while someone follows it.
+// NOTIFY reaches every process on the database, so an event caused through any
+// instance reaches the clients of all of them.
+import pg from "pg";
+import { log } from "../log.ts";
+
+type Listener = (event: { id: number; topic: string; kind: string }) => void;
+
+export class EventHub {
+  private client: pg.Client | undefined;
+  private connecting: Promise<pg.Client> | undefined;
+  private readonly listeners = new Map<string, Set<Listener>>();
+  private closed = false;
+  private readonly connectionString: string;
+
+  constructor(connectionString: string) {
+    this.connectionString = connectionString;
+  }
+
+  /** Calls `listener` for each event of the topic until the returned function is called. */
+  async follow(topic: string, listener: Listener): Promise<() => Promise<void>> {
+    let set = this.listeners.get(topic);
+    if (!set) {
+      set = new Set();
+      this.listeners.set(topic, set);
+      await (await this.connection()).query(`listen ${pg.escapeIdentifier(channel(topic))}`);
+    }
+    set.add(listener);
+    return async () => {
+      set.delete(listener);
+      if (set.size === 0 && this.listeners.get(topic) === set) {
+        this.listeners.delete(topic);
+        await this.client?.query(`unlisten ${pg.escapeIdentifier(channel(topic))}`).catch(() => {});
+      }
+    };
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    this.listeners.clear();
+    await this.client?.end().catch(() => {});
+  }
+
+  private connection(): Promise<pg.Client> {
+    if (this.client) return Promise.resolve(this.client);
+    this.connecting ??= this.connect().finally(() => (this.connecting = undefined));
+    return this.connecting;
+  }
+
+  private async connect(): Promise<pg.Client> {
+    const client = new pg.Client({ connectionString: this.connectionString });
+    client.on("notification", (msg) => this.dispatch(msg));
+    client.on("error", (error) => {
+      log.warn("event listener connection failed; reconnecting", { error: error.message });
+      this.client = undefined;
+      if (!this.closed) setTimeout(() => void this.relisten(), 1000);
+    });
+    await client.connect();
+    this.client = client;
+    return client;
+  }
+
+  // After a reconnect, listen again to every followed topic. Followers catch up on
+  // what they missed by asking for events after the last id they saw.
+  private async relisten(): Promise<void> {
+    try {
+      const client = await this.connection();
+      for (const topic of this.listeners.keys()) await client.query(`listen ${pg.escapeIdentifier(channel(topic))}`);
+      for (const [topic, set] of this.listeners) for (const listener of set) listener({ id: 0, topic, kind: "reconnected" });
+    } catch (error) {
+      log.warn("event listener could not reconnect", { error: (error as Error).message });
+      if (!this.closed) setTimeout(() => void this.relisten(), 5000);
+    }
+  }
+
+  private dispatch(msg: pg.Notification): void {
+    const topic = msg.channel.replace(/^snapbase_events:/, "");
+    const set = this.listeners.get(topic);
+    if (!set || !msg.payload) return;
+    let event;
+    try {
+      event = JSON.parse(msg.payload);
+    } catch {
+      return;
+    }
+    for (const listener of set) listener(event);
+  }
+}
+
+const channel = (topic: string): string => `snapbase_events:${topic}`;

@@ -1,0 +1,149 @@
+// CSV export of workbook tables and snapshots, checked by loading the files back
+// with PostgreSQL's own COPY ... CSV HEADER; public share links.
+import { execFile } from "node:child_process";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server/app.ts";
+import { createUser, db, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+
+let server: RunningServer;
+let alice: TestUser, bob: TestUser;
+let token: string;
+let dir: string;
+
+const COLUMNS = [
+  { name: "id", type: "integer" }, { name: "note", type: "text" }, { name: "price", type: "numeric(12,2)" },
+  { name: "tags", type: "text[]" }, { name: "doc", type: "jsonb" }, { name: "at", type: "timestamptz" },
+];
+const VALUES = [
+  { id: 1, note: "plain", price: "1.50", tags: ["a", "b"], doc: { k: 1 }, at: "2024-02-29T23:59:59.123456Z" },
+  { id: 2, note: 'comma, "quotes" and\nnewline', price: "-0.01", tags: ["x,y", 'q"'], doc: { s: "é 🐘" }, at: null },
+  { id: 3, note: "", price: null, tags: [], doc: null, at: "2024-01-01T00:00:00Z" },
+  { id: 4, note: null, price: "12345678.90", tags: null, doc: [1, "two"], at: "1999-12-31T23:00:00+05:30" },
+];
+
+const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
+  const res = await graphql(server.url, query, variables, as);
+  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
+  return res.body.data;
+};
+
+/** GETs a file; `auth` null sends no token. */
+async function download(pathAndQuery: string, auth: string | null = token): Promise<{ status: number; type: string | null; text: string }> {
+  const res = await fetch(server.url + pathAndQuery, { headers: auth ? { authorization: `Bearer ${auth}` } : {} });
+  return { status: res.status, type: res.headers.get("content-type"), text: await res.text() };
+}
+
+/** Loads a CSV file with COPY ... CSV HEADER (psql's \copy) into a new table; returns its rows as text. */
+async function copyBack(csv: string, table: string): Promise<string[]> {
+  const file = path.join(dir, `${table}.csv`);
+  await writeFile(file, csv);
+  await owner().query(`drop table if exists ${table}; create table ${table} (${COLUMNS.map((c) => `${c.name} ${c.type}`).join(", ")})`);
+  await promisify(execFile)("psql", ["-X", "-v", "ON_ERROR_STOP=1", "-d", db.ownerUrl, "-c", `\\copy ${table} from '${file}' csv header`]);
+  return (await owner().query(`select t::text as r from ${table} t order by id`)).rows.map((r) => r.r);
+}
+
+async function workbookTable() {
+  const wb = (await gql(`mutation { createWorkbook(input: { name: "Export" }) { result { rowId } } }`)).createWorkbook.result.rowId;
+  const t = (await gql(`mutation($w: BigInt!, $c: JSON!) { addWorkbookTable(input: { workbookId: $w, name: "Goods", columns: $c }) { result { rowId } } }`,
+    { w: wb, c: COLUMNS })).addWorkbookTable.result.rowId;
+  const done = await gql(`mutation($t: BigInt!, $ops: JSON!) { bulkEditRecords(input: { tableId: $t, operations: $ops }) { result } }`,
+    { t, ops: VALUES.map((values) => ({ op: "create", values })) });
+  expect(done.bulkEditRecords.result.ok).toBe(true);
+  const rel = (await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [t])).rows[0].rel;
+  return { wb: String(wb), t: String(t), rel };
+}
+
+beforeAll(async () => {
+  server = await startTestServer();
+  [alice, bob] = await Promise.all([createUser("editor", "alice"), createUser("editor", "bob")]);
+  token = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: alice.email, password: TEST_PASSWORD } })).body.token;
+  dir = await mkdtemp(path.join(tmpdir(), "snapbase-export-"));
+});
+afterAll(async () => {
+  await server?.close();
+  await rm(dir, { recursive: true, force: true });
+});
+
+describe("CSV export", () => {
+  it("writes a workbook table that COPY ... CSV HEADER loads back equal, and changes nothing", async () => {
+    const { t, rel } = await workbookTable();
+    const before = (await owner().query(`select to_jsonb(r) as r from ${rel} r order by __id`)).rows;
+    const file = await download(`/api/v1/workbook-tables/${t}/export.csv`);
+    expect(file.status).toBe(200);
+    expect(file.type).toMatch(/^text\/csv/);
+    expect(file.text.split("\n")[0]).toBe("id,note,price,tags,doc,at");
+    const original = (await owner().query(`select row(${COLUMNS.map((c) => c.name).join(", ")})::text as r from ${rel} order by id`)).rows.map((r) => r.r);
+    expect(await copyBack(file.text, "public.export_check")).toEqual(original);
+    // An empty string and a NULL stay apart.
+    expect((await owner().query("select note is null as n, note = '' as e from public.export_check where id in (3, 4) order by id")).rows)
+      .toEqual([{ n: false, e: true }, { n: true, e: null }]);
+    expect((await owner().query(`select to_jsonb(r) as r from ${rel} r order by __id`)).rows).toEqual(before);
+  });
+
+  it("exports only the active filter's records when asked, and refuses other users", async () => {
+    const { t } = await workbookTable();
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "price > 1" }) { clientMutationId } }`, { t });
+    const filtered = await download(`/api/v1/workbook-tables/${t}/export.csv?filter=active`);
+    expect(await copyBack(filtered.text, "public.export_filtered")).toHaveLength(2);
+    const bobToken = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: bob.email, password: TEST_PASSWORD } })).body.token;
+    const bobs = await download(`/api/v1/workbook-tables/${t}/export.csv`, bobToken);
+    expect(bobs.status, bobs.text).toBe(404);
+    expect((await download(`/api/v1/workbook-tables/${t}/export.csv`, null)).status).toBe(403); // signed-in users only
+  });
+
+  it("writes a snapshot that COPY loads back equal to the table it was taken of", async () => {
+    await owner().query(`drop table if exists public.snap_src; create table public.snap_src (${COLUMNS.map((c) => `${c.name} ${c.type}`).join(", ")}, primary key (id))`);
+    await owner().query(`insert into public.snap_src select * from jsonb_populate_recordset(null::public.snap_src, $1)`, [JSON.stringify(VALUES)]);
+    await owner().query(`grant select on public.snap_src to ${db.roles.viewer}; select snapbase.register_table('public.snap_src')`);
+    const snap = (await owner().query("select id from snapbase.take_snapshot('public.snap_src', 'export')")).rows[0].id;
+    const file = await download(`/api/v1/snapshots/${snap}/export.csv`);
+    expect(file.status).toBe(200);
+    const original = (await owner().query("select t::text as r from public.snap_src t order by id")).rows.map((r) => r.r);
+    expect(await copyBack(file.text, "public.snap_check")).toEqual(original);
+  });
+});
+
+describe("share links", () => {
+  it("serve one table's CSV to anyone with the token, audit every access, and stop when revoked or expired", async () => {
+    const { t } = await workbookTable();
+    const link = (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { result } }`, { t })).createShareLink.result;
+    expect(link).toMatch(/^sbs_/);
+    const shared = await download(`/api/v1/share/${link}`, null);
+    expect(shared.status).toBe(200);
+    expect(shared.text.split("\n")[0]).toBe("id,note,price,tags,doc,at");
+    expect(shared.text).toContain('"comma, ""quotes"" and\nnewline"');
+    const again = await download(`/api/v1/share/${link}`, null);
+    expect(again.status, again.text).toBe(200);
+    const { rows: [info] } = await owner().query("select id, use_count from snapbase.share_links where table_id = $1", [t]);
+    expect(info.use_count).toBe("2");
+    expect((await owner().query("select count(*)::int as n from snapbase.audit_log where action = 'share_link_access' and subject_id = $1", [String(info.id)])).rows[0].n).toBe(2);
+
+    expect((await download(`/api/v1/share/sbs_${"x".repeat(43)}`, null)).status).toBe(404);
+    expect((await download(`/api/v1/share/${t}`, null)).status).toBe(404); // not the table or workbook id
+
+    await gql(`mutation($id: BigInt!) { revokeShareLink(input: { linkId: $id }) { clientMutationId } }`, { id: info.id });
+    expect((await download(`/api/v1/share/${link}`, null)).status).toBe(404);
+
+    const later = (await gql(`mutation($t: BigInt!, $at: Datetime!) { createShareLink(input: { tableId: $t, expiresAt: $at }) { result } }`,
+      { t, at: new Date(Date.now() + 3_600_000).toISOString() })).createShareLink.result;
+    expect((await download(`/api/v1/share/${later}`, null)).status).toBe(200);
+    await owner().query("update snapbase.share_links set expires_at = now() - interval '1 second' where table_id = $1 and revoked_at is null", [t]);
+    const expired = await download(`/api/v1/share/${later}`, null);
+    expect(expired.status).toBe(404);
+    expect(expired.text).toMatch(/expired or been revoked/);
+  });
+
+  it("a filtered link serves only the filter's records; only the owner may create links", async () => {
+    const { t } = await workbookTable();
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "id <= 2" }) { clientMutationId } }`, { t });
+    const link = (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t, useFilter: true }) { result } }`, { t })).createShareLink.result;
+    expect(await copyBack((await download(`/api/v1/share/${link}`, null)).text, "public.share_filtered")).toHaveLength(2);
+    const bobToken = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: bob.email, password: TEST_PASSWORD } })).body.token;
+    const refused = await graphql(server.url, `mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { result } }`, { t }, bobToken);
+    expect(refused.body.errors?.[0]?.extensions?.code).toBe("P0002");
+  });
+});

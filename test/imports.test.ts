@@ -1,0 +1,107 @@
+// CSV import: streamed upload, preview with mapping, import as records or as
+// suggestions, bad rows with line numbers, and malformed files that stage nothing.
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { RunningServer } from "../src/server/app.ts";
+import { createUser, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+
+let server: RunningServer;
+let alice: TestUser;
+let token: string;
+
+const gql = async (query: string, variables: Record<string, unknown> = {}) => {
+  const res = await graphql(server.url, query, variables, token);
+  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
+  return res.body.data;
+};
+
+async function upload(tableId: string, body: string | Buffer) {
+  const res = await fetch(`${server.url}/api/v1/workbook-tables/${tableId}/imports`, {
+    method: "POST", headers: { authorization: `Bearer ${token}`, "content-type": "text/csv" }, body: typeof body === "string" ? body : new Uint8Array(body),
+  });
+  return { status: res.status, body: await res.json() };
+}
+
+async function table() {
+  const wb = (await gql(`mutation { createWorkbook(input: { name: "Imports" }) { result { rowId } } }`)).createWorkbook.result.rowId;
+  const t = (await gql(`mutation($w: BigInt!, $c: JSON!) { addWorkbookTable(input: { workbookId: $w, name: "Stock", columns: $c }) { result { rowId } } }`,
+    { w: wb, c: [{ name: "sku", type: "text" }, { name: "qty", type: "integer" }, { name: "price", type: "numeric(10,2)" }] })).addWorkbookTable.result.rowId;
+  return String(t);
+}
+const records = async (t: string) => (await gql(`query($t: BigInt!) { workbookRecords(tableId: $t, pageSize: 100) }`, { t })).workbookRecords.records;
+const importCsv = async (importId: string, args: Record<string, unknown>) =>
+  (await gql(`mutation($i: BigInt!, $m: JSON, $mode: String, $k: String, $s: Boolean) { importCsv(input: { importId: $i, mapping: $m, mode: $mode, keyColumn: $k, skipBadRows: $s }) { result } }`,
+    { i: importId, m: args.mapping ?? null, mode: args.mode ?? "records", k: args.key ?? null, s: args.skip ?? false })).importCsv.result;
+
+beforeAll(async () => {
+  server = await startTestServer();
+  alice = await createUser("editor", "alice");
+  token = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: alice.email, password: TEST_PASSWORD } })).body.token;
+});
+afterAll(async () => {
+  await server?.close();
+});
+
+describe("CSV import", () => {
+  it("previews with inferred types and failing rows, then imports with a mapping as new records", async () => {
+    const t = await table();
+    const csv = 'SKU,Quantity,price,Note\nA-1,5,1.50,"first, with comma"\nB-2,seven,2.00,second\nC-3,,3.25,"multi\nline"\n';
+    const up = await upload(t, csv);
+    expect(up.status).toBe(201);
+    expect(up.body.import).toMatchObject({ header: ["SKU", "Quantity", "price", "Note"], row_count: 3, state: "staged" });
+    // By default headers map to same-named columns (case-insensitive): SKU → sku, price → price.
+    expect(up.body.preview.mapping).toEqual({ SKU: "sku", price: "price" });
+    expect(up.body.preview.inferred_types).toMatchObject({ SKU: "text", price: "numeric", Note: "text" });
+    expect(up.body.preview.sample[0]).toEqual({ line: 2, cells: ["A-1", "5", "1.50", "first, with comma"] });
+
+    const mapping = { SKU: "sku", Quantity: "qty", price: "price", Note: { new_scratch: "note", type: "text" } };
+    const preview = (await gql(`query($i: BigInt!, $m: JSON) { csvImportPreview(importId: $i, mapping: $m) }`, { i: up.body.import.id, m: mapping })).csvImportPreview;
+    expect(preview.problems).toEqual([{ line: 3, column: "qty", value: "seven", error: 'invalid input syntax for type integer: "seven"' }]);
+
+    // A bad row and no permission to skip: nothing is imported, not even the scratch column.
+    const refused = await importCsv(up.body.import.id, { mapping });
+    expect(refused).toMatchObject({ ok: false, created: 0, errors: [{ line: 3, error: expect.stringMatching(/column qty/) }] });
+    expect(await records(t)).toEqual([]);
+    expect((await owner().query("select columns from snapbase.workbook_tables where id = $1", [t])).rows[0].columns).toHaveLength(3);
+
+    const done = await importCsv(up.body.import.id, { mapping, skip: true });
+    expect(done).toMatchObject({ ok: true, processed: 3, created: 2, skipped: 1, errors: [{ line: 3 }] });
+    const rows = (await records(t)).map((r: any) => r.values);
+    expect(rows).toEqual([
+      { sku: "A-1", qty: 5, price: 1.5, note: "first, with comma" },
+      { sku: "C-3", qty: null, price: 3.25, note: "multi\nline" },
+    ]);
+    expect((await records(t))[0].state).toMatchObject({ created: true, dirty: true });
+    const again = await graphql(server.url, `mutation($i: BigInt!) { importCsv(input: { importId: $i }) { result } }`, { i: up.body.import.id }, token);
+    expect(again.body.errors?.[0]?.message).toMatch(/imported already/);
+  });
+
+  it("imports as suggestions on records matched by a key column, reporting unmatched lines", async () => {
+    const t = await table();
+    await gql(`mutation($t: BigInt!, $ops: JSON!) { bulkEditRecords(input: { tableId: $t, operations: $ops }) { result } }`,
+      { t, ops: ["A", "B", "C"].map((sku, i) => ({ op: "create", values: { sku, qty: i, price: 1 } })) });
+    const up = await upload(t, "sku,qty,price\nA,10,9.99\nC,30,\nZ,1,1\n");
+    const result = await importCsv(up.body.import.id, { mode: "suggestions", key: "sku", skip: true });
+    expect(result).toMatchObject({ ok: true, processed: 3, suggested: 2, skipped: 1, errors: [{ line: 4, error: "no record with sku = Z" }] });
+    const [a, b, c] = await records(t);
+    expect(a.values.qty).toBe(0); // a suggestion, not a value
+    expect(a.suggested).toMatchObject({ qty: { value: 10, by: alice.email }, price: { value: 9.99 } });
+    expect(b.suggested).toEqual({});
+    expect(c.suggested).toMatchObject({ qty: { value: 30 }, price: { value: null } });
+  });
+
+  it("reports malformed files with their line and stages nothing", async () => {
+    const t = await table();
+    const before = (await owner().query("select count(*)::int as n from snapbase.csv_imports")).rows[0].n;
+    const ragged = await upload(t, "sku,qty\nA,1\nB,2,extra\n");
+    expect(ragged.status).toBe(400);
+    expect(ragged.body.error.message).toMatch(/line 3/);
+    const unterminated = await upload(t, 'sku,qty\nA,"1\nB,2\n');
+    expect(unterminated.status).toBe(400);
+    expect(unterminated.body.error.message).toMatch(/quote/i);
+    const latin1 = await upload(t, Buffer.concat([Buffer.from("sku,qty\ncaf"), Buffer.from([0xe9]), Buffer.from(",1\n")]));
+    expect(latin1.status).toBe(400);
+    expect(latin1.body.error.message).toMatch(/not valid UTF-8/);
+    expect((await upload(t, "")).status).toBe(400);
+    expect((await owner().query("select count(*)::int as n from snapbase.csv_imports")).rows[0].n).toBe(before);
+  });
+});
