@@ -285,30 +285,51 @@ describe("snapshots", () => {
     }
   });
 
-  it("every column type round-trips exactly, through snapshot and restore", async () => {
+  // Built-in types only: chunks are stored binary. A user-defined enum: text form.
+  it.each([
+    ["binary chunks (built-in types only)", "types_binary", false],
+    ["text chunks (with a user-defined enum)", "types_text", true],
+  ])("every column type round-trips exactly, through snapshot and restore: %s", async (_label, name, withEnum) => {
+    const table = `t3.${name}`;
     await q(`
-      create type t3.mood as enum ('happy', 'sad');
-      create table t3.types (
+      create type t3.${name}_mood as enum ('happy', 'sad');
+      create table ${table} (
         id int primary key, n numeric(40, 20), ts timestamptz, d date, iv interval, f float8, ints int[], txt text[],
-        j jsonb, b bytea, m t3.mood, u text, flag boolean, nothing text
+        j jsonb, b bytea, m ${withEnum ? `t3.${name}_mood` : "text"}, u text, flag boolean, nothing text,
+        scaled numeric[], local timestamp, uid uuid
       );
-      insert into t3.types values
+      insert into ${table} values
         (1, 12345678901234567890.12345678901234567890, '2024-02-29 23:59:59.999999+05:30', '0001-01-01', '1 year 2 mons -3 days 04:05:06.789',
          0.1 + 0.2, '{1,NULL,3}', '{"a,b","c\\"d",NULL,""}', '{"k": [1, 2.50, null], "u": "é"}', '\\x00ff10', 'sad',
          'Ünïcødé 🐘 ''quotes'' "dq" \\ back
-newline', true, null),
-        (2, null, null, null, null, 'NaN', '{}', '{}', 'null', '\\x', null, '', false, null);
-      grant select, insert, update, delete on t3.types to ${db.roles.admin};
-      select snapbase.register_table('t3.types');`);
-    const before = (await q("select t::text as r from t3.types t order by id")).map((r) => r.r);
-    const [snap] = await q("select * from snapbase.take_snapshot('t3.types', 'types')");
-    expect(await snapshotRows(snap.id)).toEqual(await tableRows("t3.types"));
-    await q("delete from t3.types where id = 1; update t3.types set u = 'changed'");
+newline', true, null, '{1.0,1.00,-0.000}', '2024-02-29 23:59:59.5', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'),
+        (2, null, null, null, null, 'NaN', '{}', '{}', 'null', '\\x', null, '', false, null, null, 'infinity', null);
+      grant select, insert, update, delete on ${table} to ${db.roles.admin};
+      select snapbase.register_table('${table}');`);
+    const before = (await q(`select t::text as r from ${table} t order by id`)).map((r) => r.r);
+    const [snap] = await q(`select * from snapbase.take_snapshot('${table}', 'types')`);
+    const [{ binary }] = await q("select bool_and(chunk_id is not null) as binary from snapbase_private.snapshot_chunks where snapshot_id = $1", [snap.id]);
+    expect(binary).toBe(!withEnum);
+    expect(await snapshotRows(snap.id)).toEqual(await tableRows(table));
+    await q(`delete from ${table} where id = 1; update ${table} set u = 'changed'`);
     const c = await connectAs(admin);
     const { rows: [restored] } = await c.query("select * from snapbase.restore_snapshot($1)", [snap.id]);
     await c.end();
     expect(restored).toMatchObject({ kind: "restore", status: "approved", rows_affected: "2" });
-    expect((await q("select t::text as r from t3.types t order by id")).map((r) => r.r)).toEqual(before);
+    expect((await q(`select t::text as r from ${table} t order by id`)).map((r) => r.r)).toEqual(before);
+  });
+
+  it("shares a binary chunk only when it is byte-identical: 1.0 and 1.00 are equal numbers but different values", async () => {
+    await q(`create table t3.scale (id int primary key, n numeric); insert into t3.scale values (1, 1.0);
+             grant select on t3.scale to ${db.roles.admin}; select snapbase.register_table('t3.scale')`);
+    const [first] = await q("select * from snapbase.take_snapshot('t3.scale', 'one point zero')");
+    await q("update t3.scale set n = 1.00");
+    const [second] = await q("select * from snapbase.take_snapshot('t3.scale', 'one point zero zero')");
+    const [third] = await q("select * from snapbase.take_snapshot('t3.scale', 'unchanged')");
+    expect(Number(second.new_stored_bytes)).toBeGreaterThan(0);
+    expect(Number(third.new_stored_bytes)).toBe(0);
+    expect((await q("select \"row\" ->> 'n' as n from snapbase.snapshot_rows($1)", [first.id]))[0].n).toBe("1.0");
+    expect((await q("select \"row\" ->> 'n' as n from snapbase.snapshot_rows($1)", [second.id]))[0].n).toBe("1.00");
   });
 
   it("restore round-trips: the table equals the snapshot afterwards, with the fewest row operations", async () => {
@@ -356,6 +377,13 @@ newline', true, null),
     expect(del.code).toBe("42501");
     const asOwnerErr = await sqlState(() => owner().query("delete from snapbase.snapshots where id = $1", [snap.id]));
     expect(asOwnerErr.message).toMatch(/snapshots are immutable/);
+    // The stored rows themselves: no application role may even read them directly.
+    const [{ chunks }] = await q(`select l.chunk_table as chunks from snapbase.snapshots s join snapbase_private.row_layouts l on l.id = s.layout_id
+                                   where l.chunk_table is not null limit 1`);
+    for (const sql of [`update ${chunks} set row_count = 0`, `delete from ${chunks}`, "delete from snapbase_private.chunk_store"]) {
+      const refused = await asActor(actorOf(admin), (c) => sqlState(() => c.query(sql)));
+      expect(refused.code, refused.message).toBe("42501");
+    }
   });
 
   it("follows the live table's access rules", async () => {
@@ -379,8 +407,10 @@ newline', true, null),
     }
     await q("select snapbase_private.prune_snapshots()");
     expect((await q("select id from snapbase.snapshots where table_name = 't3.ret' order by id")).map((r) => r.id)).toEqual(ids.slice(2));
-    expect((await q("select count(*)::int as n from snapbase_private.chunk_store cs where not exists (select 1 from snapbase_private.snapshot_chunks sc where sc.chunk_hash = cs.hash)"))[0].n).toBe(0);
-    expect(await q("select action from snapbase.audit_log where action = 'retention_prune' order by id desc limit 1")).toEqual([{ action: "retention_prune" }]);
+    // Each pruned snapshot had a chunk of its own: both are gone, and nothing unused is left.
+    expect(await q("select action, details -> 'chunks_removed' as removed from snapbase.audit_log where action = 'retention_prune' order by id desc limit 1"))
+      .toEqual([{ action: "retention_prune", removed: 2 }]);
+    expect((await q("select snapbase_private.remove_unused_chunks() as n"))[0].n).toBe("0");
   });
 });
 
