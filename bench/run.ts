@@ -30,7 +30,7 @@ const downloadRows = Number(process.env.BENCH_DOWNLOAD_ROWS ?? 1_000_000);
 const exportRows = Number(process.env.BENCH_EXPORT_ROWS ?? 1_000_000);
 // 0 skips the CSV import section.
 const importRows = Number(process.env.BENCH_IMPORT_ROWS ?? 1_000_000);
-// 0 skips the event latency section; BENCH_EVENTS changes, each awaited by every subscriber.
+// 0 (either) skips the event latency section; BENCH_EVENTS changes, each awaited by every subscriber.
 const subscriberCount = Number(process.env.BENCH_SUBSCRIBERS ?? 100);
 const eventCount = Number(process.env.BENCH_EVENTS ?? 50);
 
@@ -96,8 +96,7 @@ async function forgetTable(c: pg.Client, table: string): Promise<void> {
   await c.query("set local snapbase.pruning = on");
   await c.query("delete from snapbase.snapshots where table_name = $1", [table]);
   await c.query("delete from snapbase.managed_tables where qualified_name = $1", [table]);
-  await c.query(`delete from snapbase_private.chunk_store cs
-                  where not exists (select 1 from snapbase_private.snapshot_chunks sc where sc.chunk_hash = cs.hash)`);
+  await c.query("select snapbase_private.remove_unused_chunks()");
   await c.query("commit");
 }
 
@@ -669,7 +668,7 @@ async function benchApi(db: Database, statementTimeoutMs: number): Promise<void>
         ["operation", "time", "ratio to COPY"], rows);
       console.log(`\n${memory}`);
     }
-    if (subscriberCount > 0) {
+    if (subscriberCount > 0 && eventCount > 0) {
       printTable(`Event latency (from the commit of a one-row UPDATE, as its client sees it, to each subscriber receiving the records event; ` +
         `${eventCount} changes one after another, over all subscribers; client, server and baseline in one process)`,
         ["path", "median", "99th percentile", "median over LISTEN's", "until the last subscriber has it (median)"],
@@ -713,7 +712,7 @@ async function main(): Promise<void> {
         "baseline: COPY to /dev/null through psql \\copy, median of 3)", ["operation", "time", "ratio to COPY"], rows);
       console.log(`\n${memory}`);
     }
-    if (exportRows > 0 || importRows > 0 || subscriberCount > 0) await benchApi(db, config.statementTimeoutMs);
+    if (exportRows > 0 || importRows > 0 || (subscriberCount > 0 && eventCount > 0)) await benchApi(db, config.statementTimeoutMs);
   } finally {
     await wc.end();
     await c.end();
