@@ -79,9 +79,13 @@ describe("CSV import", () => {
     const t = await table();
     await gql(`mutation($t: BigInt!, $ops: JSON!) { bulkEditRecords(input: { tableId: $t, operations: $ops }) { result } }`,
       { t, ops: ["A", "B", "C"].map((sku, i) => ({ op: "create", values: { sku, qty: i, price: 1 } })) });
-    const up = await upload(t, "sku,qty,price\nA,10,9.99\nC,30,\nZ,1,1\n");
+    // Line 5 does not fit (qty), line 4 matches nothing: both are reported, the rest imported.
+    const up = await upload(t, "sku,qty,price\nA,10,9.99\nC,30,\nZ,1,1\nB,lots,2\n");
     const result = await importCsv(up.body.import.id, { mode: "suggestions", key: "sku", skip: true });
-    expect(result).toMatchObject({ ok: true, processed: 3, suggested: 2, skipped: 1, errors: [{ line: 4, error: "no record with sku = Z" }] });
+    expect(result).toMatchObject({
+      ok: true, processed: 4, suggested: 2, skipped: 2,
+      errors: [{ line: 4, error: "no record with sku = Z" }, { line: 5, error: expect.stringMatching(/column qty: invalid input syntax for type integer/) }],
+    });
     const [a, b, c] = await records(t);
     expect(a.values.qty).toBe(0); // a suggestion, not a value
     expect(a.suggested).toMatchObject({ qty: { value: 10, by: alice.email }, price: { value: 9.99 } });
@@ -95,6 +99,10 @@ describe("CSV import", () => {
     const ragged = await upload(t, "sku,qty\nA,1\nB,2,extra\n");
     expect(ragged.status).toBe(400);
     expect(ragged.body.error.message).toMatch(/line 3/);
+    // Found after thousands of rows have gone into COPY: still a 400, still nothing staged.
+    const late = await upload(t, `sku,qty\n${Array.from({ length: 3000 }, (_, i) => `r${i},${i}\n`).join("")}B,2,extra\n`);
+    expect(late.status).toBe(400);
+    expect(late.body.error.message).toMatch(/line 3002/);
     const unterminated = await upload(t, 'sku,qty\nA,"1\nB,2\n');
     expect(unterminated.status).toBe(400);
     expect(unterminated.body.error.message).toMatch(/quote/i);
@@ -103,5 +111,22 @@ describe("CSV import", () => {
     expect(latin1.body.error.message).toMatch(/not valid UTF-8/);
     expect((await upload(t, "")).status).toBe(400);
     expect((await owner().query("select count(*)::int as n from snapbase.csv_imports")).rows[0].n).toBe(before);
+  });
+
+  it("stages every field exactly as the file has it, however it needs escaping, over many batches", async () => {
+    const t = await table();
+    const awkward = ["NULL", "", "{a,b}", "back\\slash \\N", "tab\there", 'say "hi"', "line\nbreak", "é 🐘", " padded ", "\\.", "carriage\rreturn"];
+    const quote = (v: string) => `"${v.replace(/"/g, '""')}"`;
+    const lines = ["sku,qty", ...awkward.map((v, i) => `${quote(v)},${i}`)];
+    for (let i = 0; i < 2500; i++) lines.push(`row ${i},${i}`);
+    const up = await upload(t, lines.join("\n") + "\n");
+    expect(up.status).toBe(201);
+    expect(up.body.import.row_count).toBe(awkward.length + 2500);
+    const staged = (await owner().query("select line, cells from snapbase_private.csv_import_rows where import_id = $1 order by line", [up.body.import.id])).rows;
+    expect(staged.slice(0, awkward.length).map((r) => r.cells[0])).toEqual(awkward);
+    // A record's line is the physical line where it ends: the field with a line break spans two.
+    expect(staged.slice(0, 8).map((r) => r.line)).toEqual([2, 3, 4, 5, 6, 7, 9, 10]);
+    // The header, then two fields that hold a line break (csv-parse counts a lone CR as one too).
+    expect(staged[staged.length - 1]).toEqual({ line: 1 + awkward.length + 2 + 2500, cells: ["row 2499", "2499"] });
   });
 });

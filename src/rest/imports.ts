@@ -1,19 +1,23 @@
 // CSV upload for imports: POST /api/v1/workbook-tables/{id}/imports with a text/csv
-// body. The body is decoded (strict UTF-8) and parsed as it arrives, and staged in
-// batches in one transaction, so a large file never sits in memory and a malformed
-// one stages nothing. Preview and import are SQL functions (csv_import_preview,
-// import_csv), exposed through GraphQL.
+// body. The body is decoded (strict UTF-8) and parsed as it arrives, and the rows
+// stream through COPY into a temporary table of the request's transaction, from
+// which one statement stages them: a large file never sits in memory and a
+// malformed one stages nothing. Preview and import are SQL functions
+// (csv_import_preview, import_csv), exposed through GraphQL.
 import { parse, type Info } from "csv-parse";
 import { Router, type Request } from "express";
 import { once } from "node:events";
+import { pipeline } from "node:stream/promises";
 import type pg from "pg";
+import { from as copyFrom } from "pg-copy-streams";
 import { withUserTransaction } from "../db/request-client.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
-const ROWS_PER_BATCH = 1000;
+// Rows joined into one write to the COPY stream.
+const ROWS_PER_WRITE = 1000;
 
-type Staged = { line: number; cells: string[] };
+type Parsed = { record: string[]; info: Info };
 
 /** Feeds the request body to the parser as strict UTF-8; a bad byte stops the parse. */
 async function feed(req: Request, parser: ReturnType<typeof parse>): Promise<void> {
@@ -21,16 +25,48 @@ async function feed(req: Request, parser: ReturnType<typeof parse>): Promise<voi
   let bytes = 0;
   try {
     for await (const chunk of req as AsyncIterable<Buffer>) {
+      if (parser.destroyed) return; // the upload failed on the other side
       const text = decoder.decode(chunk, { stream: true });
       bytes += chunk.length;
-      if (!parser.write(text)) await once(parser, "drain");
+      if (!parser.write(text)) await Promise.race([once(parser, "drain"), once(parser, "close")]);
     }
+    if (parser.destroyed) return;
     decoder.decode();
     parser.end();
   } catch (error) {
     const reason = error instanceof TypeError ? `the file is not valid UTF-8 (within bytes ${bytes + 1} to ${bytes + 65536})` : (error as Error).message;
     parser.destroy(new HttpError(400, "malformed_csv", reason));
   }
+}
+
+const COPY_ESCAPES: Record<string, string> = { "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+/** One line of COPY's text format for (line, cells): cells as a text[] literal with
+ *  every element quoted, then escaped for COPY. */
+export function stagingLine(line: number, cells: string[]): string {
+  const literal = `{${cells.map((c) => `"${c.replace(/[\\"]/g, "\\$&")}"`).join(",")}}`;
+  return `${line}\t${literal.replace(/[\\\n\r\t]/g, (ch) => COPY_ESCAPES[ch]!)}\n`;
+}
+
+/** The parser's records after the header, as COPY text in batches. */
+async function* stagingText(records: AsyncIterator<Parsed>): AsyncGenerator<string> {
+  let lines: string[] = [];
+  for (let next = await records.next(); !next.done; next = await records.next()) {
+    lines.push(stagingLine(next.value.info.lines, next.value.record));
+    if (lines.length >= ROWS_PER_WRITE) {
+      yield lines.join("");
+      lines = [];
+    }
+  }
+  if (lines.length > 0) yield lines.join("");
+}
+
+/** Parser failures as 400s; anything else unchanged. */
+function asUploadError(error: unknown): unknown {
+  if (error instanceof HttpError) return error;
+  const code = (error as { code?: string }).code ?? "";
+  if (code.startsWith("CSV_")) return new HttpError(400, "malformed_csv", `the file is not valid CSV: ${(error as Error).message}`);
+  return error;
 }
 
 export function importRoutes(deps: { pool: pg.Pool }): Router {
@@ -43,34 +79,24 @@ export function importRoutes(deps: { pool: pg.Pool }): Router {
       // Strict: every row must have as many fields as the header, and quotes must close.
       const parser = parse({ bom: true, info: true, skip_empty_lines: true });
       const feeding = feed(req, parser);
-      let importId: string | undefined;
-      let batch: Staged[] = [];
-      const flush = async () => {
-        if (batch.length === 0) return;
-        await c.query("select snapbase.stage_csv_rows($1, $2)", [importId, JSON.stringify(batch)]);
-        batch = [];
-      };
+      const records = (parser as AsyncIterable<Parsed>)[Symbol.asyncIterator]();
       try {
-        for await (const { record, info } of parser as AsyncIterable<{ record: string[]; info: Info }>) {
-          if (importId === undefined) {
-            importId = (await c.query("select id from snapbase.start_csv_import($1, $2)", [id, record])).rows[0].id;
-            continue;
-          }
-          batch.push({ line: info.lines, cells: record });
-          if (batch.length >= ROWS_PER_BATCH) await flush();
-        }
+        const header = await records.next();
+        if (header.done) throw new HttpError(400, "malformed_csv", "the file is empty: it needs a header row");
+        const importId = (await c.query("select id from snapbase.start_csv_import($1, $2)", [id, header.value.record])).rows[0].id;
+        // The function staging the rows runs as the owner, who must be able to read them.
+        await c.query("create temporary table snapbase_csv_staging (line integer not null, cells text[] not null) on commit drop");
+        await c.query("grant select on snapbase_csv_staging to public");
+        await pipeline(stagingText(records), c.query(copyFrom("copy snapbase_csv_staging (line, cells) from stdin")));
+        await c.query("select snapbase_private.stage_csv_copy($1)", [importId]);
+        const { rows } = await c.query("select to_jsonb(i) as import, snapbase.csv_import_preview(i.id) as preview from snapbase.csv_imports i where i.id = $1", [importId]);
+        return rows[0];
       } catch (error) {
-        if (error instanceof HttpError) throw error;
-        const code = (error as { code?: string }).code ?? "";
-        if (code.startsWith("CSV_")) throw new HttpError(400, "malformed_csv", `the file is not valid CSV: ${(error as Error).message}`);
-        throw error;
+        throw asUploadError(error);
       } finally {
+        parser.destroy();
         await feeding;
       }
-      if (importId === undefined) throw new HttpError(400, "malformed_csv", "the file is empty: it needs a header row");
-      await flush();
-      const { rows } = await c.query("select to_jsonb(i) as import, snapbase.csv_import_preview(i.id) as preview from snapbase.csv_imports i where i.id = $1", [importId]);
-      return rows[0];
     });
     res.status(201).json(result);
   });
