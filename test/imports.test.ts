@@ -122,6 +122,7 @@ describe("CSV import", () => {
     const up = await upload(t, lines.join("\n") + "\n");
     expect(up.status).toBe(201);
     expect(up.body.import.row_count).toBe(awkward.length + 2500);
+    expect(up.body.preview.problems).toEqual([]); // every qty is an integer
     const staged = (await owner().query("select line, cells from snapbase_private.csv_import_rows where import_id = $1 order by line", [up.body.import.id])).rows;
     expect(staged.slice(0, awkward.length).map((r) => r.cells[0])).toEqual(awkward);
     // A record's line is the physical line where it ends: the field with a line break spans two.
