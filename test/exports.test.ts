@@ -107,6 +107,29 @@ describe("CSV export", () => {
   });
 });
 
+describe("an interrupted download", () => {
+  it("leaves no transaction or broken connection behind", async () => {
+    const { t, rel } = await workbookTable();
+    await owner().query(`insert into ${rel} (id, note) select g, repeat('x', 200) from generate_series(10, 20000) g`);
+    const abort = new AbortController();
+    const res = await fetch(`${server.url}/api/v1/workbook-tables/${t}/export.csv`, { headers: { authorization: `Bearer ${token}` }, signal: abort.signal });
+    expect(res.status).toBe(200);
+    await res.body!.getReader().read();
+    abort.abort();
+    // The server ends the COPY and rolls back: no session stays busy with it.
+    const busy = () => owner().query(`select count(*)::int as n from pg_stat_activity
+                                       where query like '%snapbase_export%' and state <> 'idle' and pid <> pg_backend_pid()`);
+    const until = Date.now() + 10_000;
+    while ((await busy()).rows[0].n > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+    expect((await busy()).rows[0].n).toBe(0);
+    // More downloads than the pool has connections: a broken one would be handed out.
+    const answers = await Promise.all(Array.from({ length: 22 }, () => download(`/api/v1/workbook-tables/${t}/export.csv?filter=active`)));
+    expect(answers.map((a) => a.status)).toEqual(Array(22).fill(200));
+    expect(answers[0]!.text.length).toBeGreaterThan(19_991 * 200);
+    expect(answers.every((a) => a.text === answers[0]!.text)).toBe(true);
+  });
+});
+
 describe("share links", () => {
   it("serve one table's CSV to anyone with the token, audit every access, and stop when revoked or expired", async () => {
     const { t } = await workbookTable();

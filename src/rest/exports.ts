@@ -1,31 +1,46 @@
 // CSV downloads: a workbook table (all records, or its active filter), a snapshot,
-// and the public share links. Rows stream from a cursor through csv-stringify, so a
-// table of any size never sits in memory; exporting only reads.
-import { stringify } from "csv-stringify/sync";
+// and the public share links. The export functions (text[] rows, header first) run
+// as the caller; their rows go into a temporary table and PostgreSQL's COPY writes
+// the CSV, streamed to the response. Exporting only reads.
 import { Router, type Request, type Response } from "express";
+import { finished } from "node:stream/promises";
 import type pg from "pg";
-import { cursorBatches, withUserTransaction } from "../db/request-client.ts";
+import { to as copyTo } from "pg-copy-streams";
+import { withUserTransaction } from "../db/request-client.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
-const ROWS_PER_FETCH = 2000;
-
-// As COPY ... CSV writes: NULL is an empty field, an empty string is "" (so the two
-// stay apart when the file is read back).
-const csvOptions = { cast: { string: (v: string) => (v === "" ? { value: "", quoted_empty: true } : v) } };
-
-/** Writes text[] rows (the first is the header) as a CSV attachment; the caller ends the response. */
-async function writeCsv(c: pg.PoolClient, res: Response, filename: string, sql: string, params: unknown[]): Promise<void> {
-  let started = false;
-  for await (const rows of cursorBatches<{ cells: (string | null)[] }>(c, sql, params, ROWS_PER_FETCH)) {
-    if (!started) {
-      // Headers go out with the first rows: an error before them is still a clean HTTP error.
-      res.status(200).set({ "content-type": "text/csv; charset=utf-8", "content-disposition": `attachment; filename="${filename}"` });
-      started = true;
-    }
-    const ok = res.write(stringify(rows.map((r) => r.cells), csvOptions));
-    if (!ok) await new Promise((resolve) => res.once("drain", resolve));
+/**
+ * Writes the rows of an export function call (text[] rows, header first) as a CSV
+ * attachment; the caller ends the response. COPY needs the number of columns up
+ * front, so the rows are kept once in a temporary table (a PL/pgSQL set-returning
+ * function holds its whole result anyway). As COPY ... CSV writes: NULL is an empty
+ * field, an empty string is "" (so the two stay apart when the file is read back).
+ * Measured on 1M rows: fetching text[] rows through a cursor and csv-stringify took
+ * about 11 s, of which parsing the arrays in JavaScript was 5.5 s.
+ */
+async function writeCsv(c: pg.PoolClient, res: Response, filename: string, call: string, params: unknown[]): Promise<void> {
+  await c.query("create temporary table snapbase_export (cells text[] not null, ord bigint not null) on commit drop");
+  await c.query(`insert into snapbase_export select e.cells, e.ord from ${call} with ordinality as e(cells, ord)`, params);
+  const width = Number((await c.query("select cardinality(cells) as n from snapbase_export where ord = 1")).rows[0]?.n ?? 0);
+  const columns = Array.from({ length: width }, (_, i) => `cells[${i + 1}]`).join(", ");
+  // Headers go out only now: an error before this point is still a clean HTTP error.
+  res.status(200).set({ "content-type": "text/csv; charset=utf-8", "content-disposition": `attachment; filename="${filename}"` });
+  const copy = c.query(copyTo(`copy (select ${columns} from snapbase_export order by ord) to stdout with (format csv)`));
+  // A client that goes away mid-file: the rest of the COPY is read and dropped, as a
+  // COPY cannot be stopped half-way without losing the connection's place.
+  const drop = () => {
+    copy.unpipe(res);
+    copy.resume();
+  };
+  res.once("close", drop);
+  copy.pipe(res, { end: false });
+  try {
+    await finished(copy);
+  } finally {
+    res.off("close", drop);
   }
+  if (res.destroyed) throw new Error("the client closed the connection during the download");
 }
 
 export function exportRoutes(deps: { pool: pg.Pool }): Router {
@@ -34,9 +49,9 @@ export function exportRoutes(deps: { pool: pg.Pool }): Router {
   // whole file knows its side effects (a share link's audit entry) are stored. A
   // failure after the first rows went out cuts the connection: a truncated file
   // must not look complete.
-  async function sendCsv(req: Request, res: Response, filename: string, sql: string, params: unknown[]): Promise<void> {
+  async function sendCsv(req: Request, res: Response, filename: string, call: string, params: unknown[]): Promise<void> {
     try {
-      await withUserTransaction(deps.pool, req.pgSettings!, (c) => writeCsv(c, res, filename, sql, params));
+      await withUserTransaction(deps.pool, req.pgSettings!, (c) => writeCsv(c, res, filename, call, params));
     } catch (error) {
       if (!res.headersSent) throw error;
       res.destroy(error as Error);
@@ -48,19 +63,19 @@ export function exportRoutes(deps: { pool: pg.Pool }): Router {
   router.get("/workbook-tables/:id/export.csv", async (req, res) => {
     const id = idParam(req, "id");
     const filtered = req.query.filter === "active";
-    await sendCsv(req, res, `table-${id}.csv`, "select cells from snapbase.export_table_rows($1, $2) cells", [id, filtered]);
+    await sendCsv(req, res, `table-${id}.csv`, "snapbase.export_table_rows($1, $2)", [id, filtered]);
   });
 
   router.get("/snapshots/:id/export.csv", async (req, res) => {
     const id = idParam(req, "id");
-    await sendCsv(req, res, `snapshot-${id}.csv`, "select cells from snapbase.export_snapshot_rows($1) cells", [id]);
+    await sendCsv(req, res, `snapshot-${id}.csv`, "snapbase.export_snapshot_rows($1)", [id]);
   });
 
   // Public: the token is the only credential; the request runs as the anonymous role.
   router.get("/share/:token", async (req, res) => {
     const token = String(req.params.token);
     if (!/^sbs_[A-Za-z0-9_-]{20,100}$/.test(token)) throw new HttpError(404, "not_found", "no such share link");
-    await sendCsv(req, res, "shared.csv", "select cells from snapbase.shared_table_rows($1) cells", [token]);
+    await sendCsv(req, res, "shared.csv", "snapbase.shared_table_rows($1)", [token]);
   });
 
   return router;
