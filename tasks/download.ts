@@ -2,6 +2,7 @@
 // one transaction), so a table of any size streams through without sitting in
 // memory. A retry re-applies batches harmlessly: records are matched by remote id.
 import type { Task } from "graphile-worker";
+import { readAhead } from "../src/jobs/read-ahead.ts";
 import { runJob } from "../src/jobs/run.ts";
 
 const BATCH_SIZE = 2000;
@@ -14,7 +15,7 @@ const download: Task = async (payload, helpers) => {
     await sql("select snapbase_private.job_progress($1, 0, $2, 'downloading')", [job.id, await connector.count(remoteTable)]);
     const abort = new AbortController();
     let done = 0;
-    for await (const batch of connector.download(remoteTable, { batchSize: BATCH_SIZE, signal: abort.signal })) {
+    for await (const batch of readAhead(connector.download(remoteTable, { batchSize: BATCH_SIZE, signal: abort.signal }))) {
       done += batch.length;
       const records = JSON.stringify(batch.map((r) => ({ remote_id: r.remoteId, values: r.values })));
       const [{ go_on }] = await sql("select snapbase_private.apply_download_batch($1, $2, $3) as go_on", [job.id, records, done]);
