@@ -623,8 +623,8 @@ async function benchEvents(api: Api, db: Database, n: number, count: number): Pr
       [label, fmtMs(median(r.all)), fmtMs(percentile(r.all, 0.99)), `+${fmtMs(median(r.all) - baseMs)}`, fmtMs(median(r.last))];
     return [
       row("bare LISTEN on the channel, one pg client (the baseline)", baseline),
-      row(`SSE, ${n} subscribers (GET /api/v1/workbooks/{id}/events)`, sse),
-      row(`GraphQL subscriptions, ${n} subscribers (one WebSocket each)`, graphql),
+      row(`SSE, ${n} subscribers of one user, which share one query per event (GET /api/v1/workbooks/{id}/events)`, sse),
+      row(`GraphQL subscriptions, ${n} subscribers of one user (one WebSocket each; each refetches the event)`, graphql),
     ];
   } finally {
     await Promise.all(subscribers.map((s) => s.close()));

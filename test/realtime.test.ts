@@ -219,6 +219,28 @@ describe("server-sent events", () => {
     expect(bad.status).toBe(401);
   });
 
+  it("streams of one user on one topic share their queries, yet each gets every event once, from its own position", async () => {
+    const { wb, t } = await workbookWithRecords(1);
+    const url = `${server.url}/api/v1/workbooks/${wb}/events?access_token=${tokens.alice}`;
+    const edit = (qty: number) => gql(`mutation($t: BigInt!, $q: JSON!) { updateRecord(input: { tableId: $t, recordId: "1", values: $q }) { clientMutationId } }`, { t, q: { qty } });
+    const early = listenSse(url);
+    await early.until((items) => items.some((e) => e.kind === "records"));
+    await edit(1);
+    const first = (await early.until((items) => items.some((e) => e.action === "edited"))).find((e) => e.action === "edited")!;
+    // Joins the same feed, resuming from before the first edit.
+    const late = listenSse(url, first.id - 1);
+    await late.until((items) => items.some((e) => e.id === first.id));
+    (early as any).source.close();
+    await edit(2);
+    await edit(3);
+    const edited = (items: Event[]) => items.filter((e) => e.action === "edited");
+    await late.until((items) => edited(items).length === 3);
+    const ids = late.items.map((e) => e.id);
+    expect(ids[0]).toBe(first.id);
+    expect(new Set(ids).size).toBe(ids.length);
+    expect(edited(early.items)).toHaveLength(1);
+  });
+
   it("two server instances on one database both deliver an event caused through either one", async () => {
     const { wb, t } = await workbookWithRecords(1);
     const onA = listenSse(`${server.url}/api/v1/workbooks/${wb}/events?access_token=${tokens.alice}`);

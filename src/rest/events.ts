@@ -1,9 +1,11 @@
 // Server-sent events: GET /api/v1/workbooks/{id}/events and /api/v1/changes/events.
 //
-// Each stream follows one topic through the EventHub. On every NOTIFY it asks the
-// database, as the user, for the events after the last one it sent
+// Each stream follows one topic through the EventHub. On every NOTIFY the database
+// is asked, as the user, for the events after the last one sent
 // (snapbase.visible_events): access rules apply to every event, nothing is sent
 // twice, and a reconnecting client (Last-Event-ID) is replayed what it missed.
+// Streams of a topic opened with the same role and claims see the same events, so
+// they share one query per NOTIFY (a feed) instead of asking once each.
 // A comment line every HEARTBEAT_MS keeps proxies from closing an idle stream.
 import { Router, type Request, type Response } from "express";
 import type pg from "pg";
@@ -14,6 +16,8 @@ import { idParam } from "./params.ts";
 
 const HEARTBEAT_MS = 15_000;
 
+type Event = { id: number };
+
 function lastEventId(req: Request): number {
   const raw = req.header("last-event-id") ?? (typeof req.query.last_event_id === "string" ? req.query.last_event_id : undefined);
   if (raw === undefined || raw === "") return 0;
@@ -21,52 +25,97 @@ function lastEventId(req: Request): number {
   return Number(raw);
 }
 
+/** One open SSE response and the last event id it was sent. */
+class Stream {
+  sent: number;
+  private readonly res: Response;
+  constructor(res: Response, sent: number) {
+    this.res = res;
+    this.sent = sent;
+  }
+  send(events: Event[]): void {
+    for (const event of events) {
+      if (event.id <= this.sent) continue;
+      this.res.write(`id: ${event.id}\nevent: snapbase\ndata: ${JSON.stringify(event)}\n\n`);
+      this.sent = event.id;
+    }
+  }
+  end(): void {
+    this.res.end(); // the client reconnects with Last-Event-ID
+  }
+}
+
+/** The streams of one topic and one identity, served by one catch-up at a time;
+ *  a NOTIFY during a catch-up asks for another. */
+class Feed {
+  readonly streams = new Set<Stream>();
+  following: Promise<() => Promise<void>> | undefined;
+  private readonly fetchAfter: (after: number) => Promise<Event[]>;
+  private running = false;
+  private again = false;
+  constructor(fetchAfter: (after: number) => Promise<Event[]>) {
+    this.fetchAfter = fetchAfter;
+  }
+  async catchUp(): Promise<void> {
+    if (this.running) return void (this.again = true);
+    this.running = true;
+    try {
+      do {
+        this.again = false;
+        if (this.streams.size === 0) return;
+        const events = await this.fetchAfter(Math.min(...[...this.streams].map((s) => s.sent)));
+        for (const stream of this.streams) stream.send(events);
+      } while (this.again);
+    } catch {
+      // Lost access, or the database went away: every stream of the feed alike.
+      for (const stream of this.streams) stream.end();
+    } finally {
+      this.running = false;
+    }
+  }
+}
+
+/** Request settings in a fixed key order: equal settings, equal access. */
+const identityOf = (settings: Record<string, string>): string =>
+  JSON.stringify(Object.keys(settings).sort().map((k) => [k, settings[k]]));
+
 export function eventRoutes(deps: { pool: pg.Pool; hub: EventHub; heartbeatMs?: number }): Router {
   const router = Router();
+
+  const feeds = new Map<string, Feed>();
 
   async function stream(req: Request, res: Response, topic: string): Promise<void> {
     const settings = req.pgSettings!;
     const fetchAfter = (after: number) =>
       withUserTransaction(deps.pool, settings, async (c) =>
-        (await c.query<{ e: { id: number } }>("select e from snapbase.visible_events($1, $2) e", [topic, after])).rows.map((r) => r.e));
-    let sent = lastEventId(req);
+        (await c.query<{ e: Event }>("select e from snapbase.visible_events($1, $2) e", [topic, after])).rows.map((r) => r.e));
+    const stream = new Stream(res, lastEventId(req));
     // Access is checked before the stream opens, so refusals are ordinary HTTP errors.
-    const backlog = await fetchAfter(sent);
+    const backlog = await fetchAfter(stream.sent);
 
     res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive", "x-accel-buffering": "no" });
     res.write("retry: 3000\n\n");
-    const send = (events: { id: number }[]) => {
-      for (const event of events) {
-        res.write(`id: ${event.id}\nevent: snapbase\ndata: ${JSON.stringify(event)}\n\n`);
-        sent = event.id;
-      }
-    };
-    send(backlog);
+    stream.send(backlog);
 
-    // One catch-up at a time; a NOTIFY during one asks for another.
-    let running = false;
-    let again = false;
-    const catchUp = async () => {
-      if (running) return void (again = true);
-      running = true;
-      try {
-        do {
-          again = false;
-          send(await fetchAfter(sent));
-        } while (again);
-      } catch {
-        res.end(); // lost access, or the database went away: the client reconnects
-      } finally {
-        running = false;
-      }
-    };
-    const unfollow = await deps.hub.follow(topic, () => void catchUp());
-    await catchUp(); // whatever happened between the backlog and the LISTEN
+    const key = `${topic}\n${identityOf(settings)}`;
+    let feed = feeds.get(key);
+    if (!feed) {
+      const created = new Feed(fetchAfter);
+      created.following = deps.hub.follow(topic, () => void created.catchUp());
+      feeds.set(key, (feed = created));
+    }
+    feed.streams.add(stream);
     const heartbeat = setInterval(() => res.write(": heartbeat\n\n"), deps.heartbeatMs ?? HEARTBEAT_MS);
     req.on("close", () => {
       clearInterval(heartbeat);
-      void unfollow();
+      feed.streams.delete(stream);
+      if (feed.streams.size === 0 && feeds.get(key) === feed) {
+        feeds.delete(key);
+        void feed.following?.then((unfollow) => unfollow());
+      }
     });
+    await feed.following;
+    await feed.catchUp(); // whatever happened between the backlog and the LISTEN
   }
 
   router.get("/workbooks/:id/events", async (req, res) => {
