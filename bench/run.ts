@@ -624,7 +624,7 @@ async function benchEvents(api: Api, db: Database, n: number, count: number): Pr
     return [
       row("bare LISTEN on the channel, one pg client (the baseline)", baseline),
       row(`SSE, ${n} subscribers of one user, which share one query per event (GET /api/v1/workbooks/{id}/events)`, sse),
-      row(`GraphQL subscriptions, ${n} subscribers of one user (one WebSocket each; each refetches the event)`, graphql),
+      row(`GraphQL subscriptions, ${n} subscribers of one user (one WebSocket each; one shared refetch per event)`, graphql),
     ];
   } finally {
     await Promise.all(subscribers.map((s) => s.close()));

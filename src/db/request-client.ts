@@ -3,6 +3,12 @@
 import type pg from "pg";
 import type { PgSettings } from "../auth/verify.ts";
 
+/** The settings in a fixed key order: requests with equal identities have equal
+ *  access, so they may share what the database answers them. */
+export function settingsIdentity(settings: PgSettings): string {
+  return JSON.stringify(Object.keys(settings).sort().map((k) => [k, settings[k]]));
+}
+
 export async function withUserTransaction<T>(
   pool: pg.Pool,
   settings: PgSettings,

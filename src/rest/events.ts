@@ -9,7 +9,7 @@
 // A comment line every HEARTBEAT_MS keeps proxies from closing an idle stream.
 import { Router, type Request, type Response } from "express";
 import type pg from "pg";
-import { withUserTransaction } from "../db/request-client.ts";
+import { settingsIdentity, withUserTransaction } from "../db/request-client.ts";
 import type { EventHub } from "../realtime/hub.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
@@ -75,10 +75,6 @@ class Feed {
   }
 }
 
-/** Request settings in a fixed key order: equal settings, equal access. */
-const identityOf = (settings: Record<string, string>): string =>
-  JSON.stringify(Object.keys(settings).sort().map((k) => [k, settings[k]]));
-
 export function eventRoutes(deps: { pool: pg.Pool; hub: EventHub; heartbeatMs?: number }): Router {
   const router = Router();
 
@@ -97,7 +93,7 @@ export function eventRoutes(deps: { pool: pg.Pool; hub: EventHub; heartbeatMs?: 
     res.write("retry: 3000\n\n");
     stream.send(backlog);
 
-    const key = `${topic}\n${identityOf(settings)}`;
+    const key = `${topic}\n${settingsIdentity(settings)}`;
     let feed = feeds.get(key);
     if (!feed) {
       const created = new Feed(fetchAfter);
