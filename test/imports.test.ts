@@ -129,5 +129,9 @@ describe("CSV import", () => {
     expect(staged.slice(0, 8).map((r) => r.line)).toEqual([2, 3, 4, 5, 6, 7, 9, 10]);
     // The header, then two fields that hold a line break (csv-parse counts a lone CR as one too).
     expect(staged[staged.length - 1]).toEqual({ line: 1 + awkward.length + 2 + 2500, cells: ["row 2499", "2499"] });
+    // Removing the table removes its staged imports, rows included.
+    await gql(`mutation($t: BigInt!) { removeWorkbookTable(input: { tableId: $t }) { clientMutationId } }`, { t });
+    const left = await owner().query("select count(*)::int as n from snapbase_private.csv_import_rows where import_id = $1", [up.body.import.id]);
+    expect(left.rows[0].n).toBe(0);
   });
 });
