@@ -93,6 +93,19 @@ describe("CSV import", () => {
     expect(c.suggested).toMatchObject({ qty: { value: 30 }, price: { value: null } });
   });
 
+  it("stages rows through GraphQL alone, for clients that hold rows rather than a file", async () => {
+    const t = await table();
+    const started = await gql(`mutation($t: BigInt!) { startCsvImport(input: { tableId: $t, header: ["sku", "qty"] }) { result { rowId } } }`, { t });
+    const importId = started.startCsvImport.result.rowId;
+    for (const rows of [[{ line: 2, cells: ["A", "1"] }, { line: 3, cells: ["B", "2"] }], [{ line: 4, cells: ["C", "three"] }]]) {
+      await gql(`mutation($i: BigInt!, $r: JSON!) { stageCsvRows(input: { importId: $i, rows: $r }) { clientMutationId } }`, { i: importId, r: rows });
+    }
+    const preview = (await gql(`query($i: BigInt!) { csvImportPreview(importId: $i) }`, { i: importId })).csvImportPreview;
+    expect(preview).toMatchObject({ row_count: 3, problems: [{ line: 4, column: "qty", value: "three" }] });
+    expect(await importCsv(importId, { skip: true })).toMatchObject({ ok: true, created: 2, skipped: 1 });
+    expect((await records(t)).map((r: any) => r.values.sku)).toEqual(["A", "B"]);
+  });
+
   it("reports malformed files with their line and stages nothing", async () => {
     const t = await table();
     const before = (await owner().query("select count(*)::int as n from snapbase.csv_imports")).rows[0].n;
