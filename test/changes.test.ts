@@ -247,6 +247,25 @@ describe("approval", () => {
 });
 
 describe("snapshots", () => {
+  it("wide rows make smaller chunks, so no chunk nears PostgreSQL's 1 GB limit for one value", async () => {
+    // 64 rows of 200 kB that do not compress: 256 of them would make a 50 MB chunk.
+    await q(`create table t3.docs (id int primary key, doc bytea);
+             insert into t3.docs select g, (select decode(string_agg(md5(g || '-' || i), ''), 'hex') from generate_series(1, 12500) i)
+               from generate_series(1, 64) g;
+             select snapbase.register_table('t3.docs')`);
+    const [snap] = await q("select * from snapbase.take_snapshot('t3.docs', 'documents')");
+    expect(snap.chunk_count).toBeGreaterThan(1);
+    const [{ biggest }] = await q(`select max(c.row_count) as biggest from snapbase_private.snapshot_chunks sc
+                                    join snapbase_private.chunks_${snap.layout_id} c on c.id = sc.chunk_id where sc.snapshot_id = $1`, [snap.id]);
+    expect(biggest).toBeLessThan(64);
+    const same = await q(`select bool_and(s."row" ->> 'doc' = '\\x' || encode(t.doc, 'hex')) as ok, count(*)::int as n
+                            from snapbase.snapshot_rows($1) s join t3.docs t on t.id = (s."row" ->> 'id')::int`, [snap.id]);
+    expect(same).toEqual([{ ok: true, n: 64 }]);
+    // Narrow tables keep 256 rows a chunk on average (unchanged boundaries, unchanged deduplication).
+    expect((await q("select snapbase_private.chunk_mask('t3.docs') as wide, snapbase_private.chunk_mask('t3.accounts') as narrow"))[0])
+      .toEqual({ wide: 15, narrow: 255 });
+  });
+
   it("a 50,000-row table (past the seed's 10,000 cap) snapshots completely", async () => {
     await q("create table t3.big (id int primary key, label text, amount numeric); insert into t3.big select n, md5(n::text), n / 7.0 from generate_series(1, 50000) n; select snapbase.register_table('t3.big')");
     const [snap] = await q("select * from snapbase.take_snapshot('t3.big', 'big')");
