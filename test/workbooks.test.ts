@@ -262,6 +262,19 @@ describe("filters", () => {
     });
   });
 
+  it("keeps remote ids unique, while any number of local records have none", async () => {
+    const token = await login(alice);
+    const wb = (await graphql(server.url, `mutation { createWorkbook(input: { name: "Remote ids" }) { result { rowId } } }`, {}, token)).body.data.createWorkbook.result.rowId;
+    const t = (await graphql(server.url, `mutation($wb: BigInt!, $cols: JSON!) { addWorkbookTable(input: { workbookId: $wb, name: "Ids", columns: $cols }) { result { rowId } } }`,
+      { wb, cols: COLUMNS }, token)).body.data.addWorkbookTable.result.rowId;
+    const rel = (await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [t])).rows[0].rel;
+    await owner().query(`insert into ${rel} (code, name) select g, 'local' from generate_series(1, 3) g`);
+    await owner().query(`insert into ${rel} (code, name, __remote_id) values (10, 'remote', 'r1')`);
+    const twice = await sqlState(() => owner().query(`insert into ${rel} (code, name, __remote_id) values (11, 'again', 'r1')`));
+    expect(twice.code).toBe("23505");
+    await graphql(server.url, `mutation($id: BigInt!) { deleteWorkbook(input: { workbookId: $id }) { clientMutationId } }`, { id: wb }, token);
+  });
+
   it("runs under the request's statement timeout", async () => {
     // Only the slow read goes through the strict server: setup runs under the normal
     // timeout so a busy machine cannot make it the statement that times out.
