@@ -30,6 +30,17 @@ async function workbookWithTable(c: pg.ClientBase) {
   return { wb, table, rel: `${wb.schema_name}.${table.table_name}` };
 }
 
+/** A workbook and table created through GraphQL (committed, unlike workbookWithTable's),
+ *  with the table's relation for writing rows as the owner. */
+async function committedWorkbookTable(name: string) {
+  const token = await login(alice);
+  const wb = (await graphql(server.url, `mutation($n: String!) { createWorkbook(input: { name: $n }) { result { rowId } } }`, { n: name }, token)).body.data.createWorkbook.result.rowId;
+  const t = (await graphql(server.url, `mutation($wb: BigInt!, $cols: JSON!) { addWorkbookTable(input: { workbookId: $wb, name: "Records", columns: $cols }) { result { rowId } } }`,
+    { wb, cols: COLUMNS }, token)).body.data.addWorkbookTable.result.rowId;
+  const rel: string = (await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [t])).rows[0].rel;
+  return { token, wb, t, rel };
+}
+
 /** The error a statement raises, inside a savepoint so the transaction goes on. */
 async function refusal(c: pg.ClientBase, sql: string, params: unknown[] = []) {
   await c.query("savepoint attempt");
@@ -263,11 +274,7 @@ describe("filters", () => {
   });
 
   it("keeps remote ids unique, while any number of local records have none", async () => {
-    const token = await login(alice);
-    const wb = (await graphql(server.url, `mutation { createWorkbook(input: { name: "Remote ids" }) { result { rowId } } }`, {}, token)).body.data.createWorkbook.result.rowId;
-    const t = (await graphql(server.url, `mutation($wb: BigInt!, $cols: JSON!) { addWorkbookTable(input: { workbookId: $wb, name: "Ids", columns: $cols }) { result { rowId } } }`,
-      { wb, cols: COLUMNS }, token)).body.data.addWorkbookTable.result.rowId;
-    const rel = (await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [t])).rows[0].rel;
+    const { token, wb, rel } = await committedWorkbookTable("Remote ids");
     await owner().query(`insert into ${rel} (code, name) select g, 'local' from generate_series(1, 3) g`);
     await owner().query(`insert into ${rel} (code, name, __remote_id) values (10, 'remote', 'r1')`);
     const twice = await sqlState(() => owner().query(`insert into ${rel} (code, name, __remote_id) values (11, 'again', 'r1')`));
@@ -278,11 +285,7 @@ describe("filters", () => {
   it("runs under the request's statement timeout", async () => {
     // Only the slow read goes through the strict server: setup runs under the normal
     // timeout so a busy machine cannot make it the statement that times out.
-    const token = await login(alice);
-    const wb = (await graphql(server.url, `mutation { createWorkbook(input: { name: "Slow" }) { result { rowId } } }`, {}, token)).body.data.createWorkbook.result.rowId;
-    const t = (await graphql(server.url, `mutation($wb: BigInt!, $cols: JSON!) { addWorkbookTable(input: { workbookId: $wb, name: "Big", columns: $cols }) { result { rowId } } }`,
-      { wb, cols: COLUMNS }, token)).body.data.addWorkbookTable.result.rowId;
-    const rel = (await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [t])).rows[0].rel;
+    const { token, wb, t, rel } = await committedWorkbookTable("Slow");
     await owner().query(`insert into ${rel} (code, name) select g, repeat('ab', 500) || g from generate_series(1, 40000) g`);
     const saved = await graphql(server.url, `mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "name ~ '(a|b|ab)*c'" }) { clientMutationId } }`, { t }, token);
     expect(saved.body.errors).toBeUndefined();
