@@ -43,7 +43,7 @@ const COPY_ESCAPES: Record<string, string> = { "\\": "\\\\", "\n": "\\n", "\r": 
 
 /** One line of COPY's text format for (line, cells): cells as a text[] literal with
  *  every element quoted, then escaped for COPY. */
-export function stagingLine(line: number, cells: string[]): string {
+function stagingLine(line: number, cells: string[]): string {
   const literal = `{${cells.map((c) => `"${c.replace(/[\\"]/g, "\\$&")}"`).join(",")}}`;
   return `${line}\t${literal.replace(/[\\\n\r\t]/g, (ch) => COPY_ESCAPES[ch]!)}\n`;
 }
