@@ -49,16 +49,18 @@ const unique = randomBytes(4).toString("hex");
 
 describe("postgres connector", () => {
   const rootUrl = inject("db").rootUrl;
-  const sourceUrl = Object.assign(new URL(rootUrl), { pathname: "/snapbase_source_test" }).toString();
   const loginRole = `snapbase_conn_${unique}`;
+  // Cluster-wide names are unique per run, so suites of several checkouts can share a server.
+  const sourceDb = `snapbase_source_${unique}`;
+  const sourceUrl = Object.assign(new URL(rootUrl), { pathname: `/${sourceDb}` }).toString();
   let admin: pg.Client;
   let source: Connector;
 
   beforeAll(async () => {
     const root = new pg.Client({ connectionString: rootUrl });
     await root.connect();
-    await root.query("drop database if exists snapbase_source_test with (force)");
-    await root.query("create database snapbase_source_test");
+    await root.query(`drop database if exists ${sourceDb} with (force)`);
+    await root.query(`create database ${sourceDb}`);
     await root.query(`create role ${loginRole} login password 'the-right-password'`);
     await root.end();
 
@@ -98,7 +100,7 @@ describe("postgres connector", () => {
     await admin?.end();
     const root = new pg.Client({ connectionString: rootUrl });
     await root.connect();
-    await root.query("drop database if exists snapbase_source_test with (force)");
+    await root.query(`drop database if exists ${sourceDb} with (force)`);
     await root.query(`drop role if exists ${loginRole}`);
     await root.end();
   });

@@ -25,7 +25,10 @@ declare module "vitest" {
   }
 }
 
-export const TEST_ROLE_PREFIX = "snapbase_test";
+/** Roles are cluster-wide: they take the test database's name, so runs against
+ *  different databases of one server (several checkouts, CI) never share roles. */
+export const testRolePrefix = (database: string): string =>
+  `t_${database.toLowerCase().replace(/[^a-z0-9_]+/g, "_")}`.slice(0, 40);
 const OWNER_PASSWORD = "test-owner-password";
 const AUTHENTICATOR_PASSWORD = "test-authenticator-password";
 
@@ -50,7 +53,7 @@ export default async function setup(project: TestProject) {
   await root.query(`drop database if exists ${root.escapeIdentifier(database)} with (force)`);
   await root.end();
 
-  const roles = roleNames(TEST_ROLE_PREFIX);
+  const roles = roleNames(testRolePrefix(database));
   await bootstrapCluster({ rootUrl, database, roles, ownerPassword: OWNER_PASSWORD, authenticatorPassword: AUTHENTICATOR_PASSWORD });
   const ownerUrl = withUrlParts(serverUrl, { user: roles.owner, password: OWNER_PASSWORD, database });
   const authenticatorUrl = withUrlParts(serverUrl, { user: roles.authenticator, password: AUTHENTICATOR_PASSWORD, database });

@@ -1,6 +1,7 @@
 // Connector accounts and the download / publish jobs, end to end: a real worker,
 // a second PostgreSQL database and the local MariaDB as sources, read back with
 // their own clients.
+import { randomBytes } from "node:crypto";
 import mysql from "mysql2/promise";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -9,8 +10,10 @@ import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 import { withUrlParts } from "../src/db/urls.ts";
 
-const SOURCE_DB = "snapbase_jobs_source";
-const SOURCE_USER = "snapbase_jobs_reader";
+// Cluster-wide names are unique per run, so suites of several checkouts can share a server.
+const RUN = randomBytes(4).toString("hex");
+const SOURCE_DB = `snapbase_jobs_source_${RUN}`;
+const SOURCE_USER = `snapbase_jobs_reader_${RUN}`;
 const SOURCE_PASSWORD = "Sup3r-Secret-Source-Pw";
 const MYSQL_URL = process.env.TEST_MYSQL_URL ?? "mysql://root@127.0.0.1:3306/test";
 
@@ -93,6 +96,7 @@ afterAll(async () => {
   const root = new pg.Client({ connectionString: db.rootUrl });
   await root.connect();
   await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
+  await root.query(`drop role if exists ${SOURCE_USER}`);
   await root.end();
 });
 

@@ -1,6 +1,7 @@
 // Start-up and shutdown in both database modes, migrations, and the committed SDL.
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { createServer as createNetServer, type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import pg from "pg";
@@ -8,8 +9,17 @@ import { describe, expect, it } from "vitest";
 import { bootstrapCluster } from "../src/db/bootstrap.ts";
 import { projectRoot, runMigrations } from "../src/db/migrate.ts";
 import { exportSchema } from "../src/server/schema-export.ts";
-import { withUrlParts } from "../src/db/urls.ts";
+import { databaseName, withUrlParts } from "../src/db/urls.ts";
 import { db, owner } from "./helpers.ts";
+
+/** A TCP port nothing listens on now, so parallel runs do not collide. */
+async function freePort(): Promise<number> {
+  const server = createNetServer();
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
 
 interface Started {
   child: ChildProcess;
@@ -62,7 +72,7 @@ describe("npm start with DATABASE_URL", () => {
     const app = await startCli({
       DATABASE_URL: db.ownerUrl,
       DATABASE_AUTHENTICATOR_URL: db.authenticatorUrl,
-      SNAPBASE_ROLE_PREFIX: "snapbase_test",
+      SNAPBASE_ROLE_PREFIX: db.roles.anonymous.replace(/_anonymous$/, ""),
       JWT_SECRET: db.jwtSecret,
       JWT_TTL: "1 hour", // as global-setup set it: this start writes its settings to the shared test database
       SNAPBASE_DEMO: "false",
@@ -98,7 +108,8 @@ describe("npm start with DATABASE_URL", () => {
 describe("npm start with no DATABASE_URL", () => {
   it("launches an embedded PostgreSQL, keeps its data for the next start, and stops it on Ctrl-C", async () => {
     const dataDir = mkdtempSync(path.join(tmpdir(), "snapbase-embedded-"));
-    const env = { SNAPBASE_DATA_DIR: dataDir, EMBEDDED_PG_PORT: "54349", DEMO_PASSWORD: "demo-password-1" };
+    const port = await freePort();
+    const env = { SNAPBASE_DATA_DIR: dataDir, EMBEDDED_PG_PORT: String(port), DEMO_PASSWORD: "demo-password-1" };
     try {
       const first = await startCli(env);
       expect(first.output()).toContain("Demo users created");
@@ -110,7 +121,7 @@ describe("npm start with no DATABASE_URL", () => {
       expect(login.status).toBe(200);
       expect(await first.stop()).toBe(0);
       // The embedded server is gone once the process has exited.
-      await expect(new pg.Client({ connectionString: "postgres://x@127.0.0.1:54349/postgres" }).connect()).rejects.toThrow();
+      await expect(new pg.Client({ connectionString: `postgres://x@127.0.0.1:${port}/postgres` }).connect()).rejects.toThrow();
 
       const second = await startCli(env);
       expect(second.output()).not.toContain("Demo users created");
@@ -131,7 +142,7 @@ describe("migrations", () => {
   });
 
   it("apply to an empty database as the (non-superuser) owner", async () => {
-    const name = "snapbase_test_empty";
+    const name = `${databaseName(db.ownerUrl)}_empty`;
     const root = new pg.Client({ connectionString: db.rootUrl });
     await root.connect();
     try {

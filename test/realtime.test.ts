@@ -6,7 +6,7 @@ import { createClient, type Client } from "graphql-ws";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import WebSocket from "ws";
 import type { RunningServer } from "../src/server/app.ts";
-import { createUser, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 let server: RunningServer;
 let other: RunningServer;
@@ -106,9 +106,9 @@ beforeAll(async () => {
     create schema t6;
     create table t6.notes (id int primary key, body text);
     insert into t6.notes values (1, 'one');
-    grant usage on schema t6 to snapbase_test_viewer;
-    grant select on t6.notes to snapbase_test_viewer;
-    grant insert, update, delete on t6.notes to snapbase_test_admin;
+    grant usage on schema t6 to ${db.roles.viewer};
+    grant select on t6.notes to ${db.roles.viewer};
+    grant insert, update, delete on t6.notes to ${db.roles.admin};
     select snapbase.register_table('t6.notes');`);
 });
 

@@ -63,19 +63,23 @@ const quietLogFactory = (component: string) => () => (level: string, message: st
 const quietLogger = new Logger(quietLogFactory("graphile-migrate"));
 const quietWorkerLogger = new WorkerLogger(quietLogFactory("graphile-worker"));
 
+// The work in progress is the folder `migrations/current/` (graphile-migrate's
+// folder mode: its files are applied in number order, so separate topics can be
+// worked on side by side). Empty when nothing but comments is in it.
 function currentMigrationIsEmpty(): boolean {
-  const file = path.join(migrationsFolder, "current.sql");
+  const folder = path.join(migrationsFolder, "current");
+  let files: string[];
   try {
-    const body = readFileSync(file, "utf8").replace(/--.*$/gm, "").trim();
-    return body === "";
+    files = readdirSync(folder).filter((f) => f.endsWith(".sql"));
   } catch {
     return true;
   }
+  return files.every((f) => readFileSync(path.join(folder, f), "utf8").replace(/--.*$/gm, "").trim() === "");
 }
 
 /**
  * Applies committed migrations, then (outside production) the work-in-progress
- * `current.sql`. Idempotent: re-running applies nothing new.
+ * `migrations/current/`. Idempotent: re-running applies nothing new.
  */
 export async function runMigrations(target: MigrationTarget, opts: { includeCurrent: boolean }): Promise<void> {
   const settings = settingsFor(target);

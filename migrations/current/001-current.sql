@@ -1,0 +1,1 @@
+-- Work in progress: one file per topic (NNN-topic.sql), applied in number order.
