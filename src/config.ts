@@ -12,6 +12,10 @@ export interface RoleNames {
   editor: string;
   admin: string;
   agent: string;
+  /** Runs approved change SQL: no rights of its own; approval grants it the target table for that transaction only. */
+  changeRunner: string;
+  /** Runs workbook queries that carry a user's filter: SELECT on workbook tables, nothing else. */
+  filterReader: string;
 }
 
 export interface Config {
@@ -39,6 +43,8 @@ export interface Config {
   allowSelfApproval: boolean;
   /** statement_timeout for every API request, in ms (0: none). */
   statementTimeoutMs: number;
+  /** SNAPBASE_CONNECTOR_HOSTS: hosts connectors may reach (empty: public addresses in production, any elsewhere). */
+  connectorHosts: string[];
 }
 
 export class ConfigError extends Error {
@@ -59,6 +65,8 @@ export function roleNames(prefix: string, owner?: string): RoleNames {
     editor: `${prefix}_editor`,
     admin: `${prefix}_admin`,
     agent: `${prefix}_agent`,
+    changeRunner: `${prefix}_change_runner`,
+    filterReader: `${prefix}_filter_reader`,
   };
 }
 
@@ -98,6 +106,17 @@ function parseDbUrl(name: string, raw: string | undefined, problems: string[]): 
     problems.push(`${name} is not a postgres:// URL (got ${JSON.stringify(raw.replace(/:[^:@/]*@/, ":***@"))})`);
     return undefined;
   }
+}
+
+/** A comma-separated list of host names (`db.example.com`, `*.example.com`), addresses,
+ *  networks (`10.0.0.0/8`), `public` or `*`. */
+function parseHostList(name: string, raw: string | undefined, problems: string[]): string[] {
+  const entries = (raw ?? "").split(",").map((e) => e.trim().toLowerCase()).filter(Boolean);
+  const bad = entries.filter(
+    (e) => !/^(\*|public|(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|[0-9a-f.:]+(\/\d{1,3})?)$/.test(e),
+  );
+  if (bad.length) problems.push(`${name} entries must be host names, *.domain, addresses, networks, public or * (got ${bad.map((b) => JSON.stringify(b)).join(", ")})`);
+  return entries;
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
@@ -151,6 +170,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     demoPassword: env.DEMO_PASSWORD || undefined,
     allowSelfApproval: parseBool("ALLOW_SELF_APPROVAL", env.ALLOW_SELF_APPROVAL, false, problems),
     statementTimeoutMs: parseInt10("STATEMENT_TIMEOUT_MS", env.STATEMENT_TIMEOUT_MS, 60000, 0, 3600000, problems),
+    connectorHosts: parseHostList("SNAPBASE_CONNECTOR_HOSTS", env.SNAPBASE_CONNECTOR_HOSTS, problems),
   };
   if (config.demoPassword !== undefined && config.demoPassword.length < 8) {
     problems.push("DEMO_PASSWORD must be at least 8 characters");

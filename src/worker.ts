@@ -3,6 +3,7 @@ import { parseCrontab, run, type Runner, type TaskList, type Task } from "graphi
 import { readdirSync } from "node:fs";
 import path from "node:path";
 import pg from "pg";
+import { ensureCredentialKeys } from "./connectors/credential-keys.ts";
 import { projectRoot } from "./db/migrate.ts";
 import { setJobContext } from "./jobs/context.ts";
 import { log } from "./log.ts";
@@ -29,7 +30,14 @@ export interface Worker {
 }
 
 export async function startWorker(opts: { ownerUrl: string; concurrency: number; credentialsKey: string }): Promise<Worker> {
-  setJobContext({ credentialsKey: opts.credentialsKey, ownerUrl: opts.ownerUrl });
+  // Only the worker holds the key that opens connector credentials.
+  const owner = new pg.Client({ connectionString: opts.ownerUrl });
+  await owner.connect();
+  try {
+    setJobContext({ credentialsSecretKey: await ensureCredentialKeys(owner, opts.credentialsKey), ownerUrl: opts.ownerUrl });
+  } finally {
+    await owner.end();
+  }
   const taskList = await loadTaskList();
   // Our own pool, so shutdown can close every connection before PostgreSQL stops
   // and a connection dropped by the server is logged instead of crashing the process.

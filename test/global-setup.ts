@@ -10,6 +10,7 @@ import { startEmbeddedPostgres, type EmbeddedServer } from "../src/db/embedded.t
 import { loadLocalSecrets } from "../src/db/local-secrets.ts";
 import { projectRoot, runMigrations } from "../src/db/migrate.ts";
 import { withUrlParts } from "../src/db/urls.ts";
+import { TEST_CREDENTIALS_KEY } from "./credentials.ts";
 
 export interface TestDatabase {
   rootUrl: string;
@@ -59,7 +60,14 @@ export default async function setup(project: TestProject) {
   const authenticatorUrl = withUrlParts(serverUrl, { user: roles.authenticator, password: AUTHENTICATOR_PASSWORD, database });
   await runMigrations({ ownerUrl, roles, rootUrl }, { includeCurrent: true });
   const jwtSecret = "test-secret-that-is-at-least-32-characters-long";
-  await applyDatabaseSettings(ownerUrl, { jwtSecret, jwtTtl: "1 hour", allowSelfApproval: false });
+  await applyDatabaseSettings(ownerUrl, {
+    jwtSecret,
+    jwtTtl: "1 hour",
+    allowSelfApproval: false,
+    environment: "test",
+    connectorHosts: [],
+    credentialsKey: TEST_CREDENTIALS_KEY,
+  });
 
   project.provide("db", { rootUrl, ownerUrl, authenticatorUrl, roles, jwtSecret });
   return async () => {

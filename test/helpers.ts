@@ -67,7 +67,8 @@ export async function asOwner<T>(fn: (c: pg.PoolClient) => Promise<T>): Promise<
 
 export const uniqueEmail = (label: string): string => `${label}-${randomBytes(5).toString("hex")}@example.com`;
 export const TEST_PASSWORD = "correct horse battery";
-export const TEST_CREDENTIALS_KEY = "test-credentials-key-of-at-least-32-characters";
+export { TEST_CREDENTIALS_KEY } from "./credentials.ts";
+import { TEST_CREDENTIALS_KEY } from "./credentials.ts";
 
 export interface TestUser {
   id: string;

@@ -228,11 +228,9 @@ describe("filters", () => {
     ["'snapbase.users'::regclass is not null", /type regclass/],
     ["name::regclass is not null", /regclass/],
     ["'pg_sleep'::regproc is not null", /type regproc/],
-    ["name = 'x' -- and then", /comments/],
-    ["name = 'x' /* hidden */", /comments/],
-    ["__id > 0", /column __id/],
-    ["__suggested::text like '%'", /column __suggested/],
-    ["xmin::text <> ''", /column xmin/],
+    ["__id > 0", /column "__id" does not exist/],
+    ["__suggested::text like '%'", /column "__suggested" does not exist/],
+    ["xmin::text <> ''", /column "xmin" does not exist/],
     ["customers is not null", /whole-row reference|customers/],
     ["current_user = 'postgres'", /current_user/],
     ["workbook_1.customers.name = 'x'", /FROM-clause|does not exist/],
@@ -242,7 +240,7 @@ describe("filters", () => {
     ["txid_current() > 0", /function txid_current/],
     ["random() < 0.5", /function random/],
     ["nextval('snapbase.users_id_seq') > 0", /function nextval|regclass/],
-    ["$1 = 1", /parameter|syntax/],
+    ["$1 = 1", /positional parameters/],
   ];
   it.each(hostile)("refuses %s, naming the problem and leaving the filter unchanged", async (filter, why) => {
     await asActor(actorOf(alice), async (c) => {

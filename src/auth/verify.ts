@@ -14,8 +14,6 @@ export interface AuthDeps {
   pool: pg.Pool;
   /** Bounds every statement of an API request (user filters included); 0 or unset: none. */
   statementTimeoutMs?: number;
-  /** Lets signed-in users' requests encrypt connector credentials (never decrypt them). */
-  credentialsKey?: string;
 }
 
 const userRoles = new Set(["viewer", "editor", "admin"]);
@@ -29,8 +27,7 @@ export async function settingsForAuthorization(header: string | undefined, deps:
   if (!match) throw new HttpError(401, "invalid_authorization", "the Authorization header must be 'Bearer <token>'");
   const token = match[1]!;
   const settings = token.startsWith(API_TOKEN_PREFIX) ? await settingsForApiToken(token, deps) : settingsForJwt(token, deps);
-  const key: PgSettings = deps.credentialsKey ? { "snapbase.credentials_key": deps.credentialsKey } : {};
-  return { ...settings, ...timeout, ...key };
+  return { ...settings, ...timeout };
 }
 
 function settingsForJwt(token: string, deps: AuthDeps): PgSettings {

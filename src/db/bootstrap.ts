@@ -51,6 +51,13 @@ export async function bootstrapCluster(opts: BootstrapOptions): Promise<void> {
     }
     // A DBA connected as the owner acts as an admin in Snapbase's own checks.
     if (!rows[0]?.rolsuper) await grantRole(client, roles.admin, roles.owner);
+    // The sandbox roles user text runs as. They log in never, are granted nothing
+    // here, and are members of nothing; the owner is their member so that it can
+    // own their SECURITY DEFINER entry points (migrations) and grant them per use.
+    for (const r of [roles.changeRunner, roles.filterReader]) {
+      await ensureRole(client, r, "nologin noinherit");
+      if (!rows[0]?.rolsuper) await grantRole(client, r, roles.owner);
+    }
     const exists = await client.query("select 1 from pg_database where datname = $1", [opts.database]);
     if (!exists.rowCount) {
       await client.query(`create database ${ident(opts.database)} owner ${ident(roles.owner)}`);

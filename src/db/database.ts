@@ -4,6 +4,7 @@
 import pg from "pg";
 import { type Config, roleNames } from "../config.ts";
 import { log } from "../log.ts";
+import { ensureCredentialKeys } from "../connectors/credential-keys.ts";
 import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "./embedded.ts";
 import { loadLocalSecrets } from "./local-secrets.ts";
@@ -89,7 +90,14 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
       await runMigrations(migrationTarget, { includeCurrent: config.env !== "production" });
       log.info("migrations applied", { database: databaseName(ownerUrl) });
     }
-    await applyDatabaseSettings(ownerUrl, { jwtSecret, jwtTtl: config.jwtTtl, allowSelfApproval: config.allowSelfApproval });
+    await applyDatabaseSettings(ownerUrl, {
+      jwtSecret,
+      jwtTtl: config.jwtTtl,
+      allowSelfApproval: config.allowSelfApproval,
+      environment: config.env,
+      connectorHosts: config.connectorHosts,
+      credentialsKey,
+    });
   } catch (error) {
     await embedded?.stop();
     throw error;
@@ -109,10 +117,19 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
   };
 }
 
-/** Settings the SQL layer reads: the JWT secret and TTL, and policy switches. */
+/** Settings the SQL layer reads: the JWT secret and TTL, and policy switches. Also
+ *  makes sure the credentials key pair exists (see connectors/credential-keys.ts). */
 export async function applyDatabaseSettings(
   ownerUrl: string,
-  s: { jwtSecret: string; jwtTtl: string; allowSelfApproval: boolean },
+  s: {
+    jwtSecret: string;
+    jwtTtl: string;
+    allowSelfApproval: boolean;
+    environment: string;
+    /** SNAPBASE_CONNECTOR_HOSTS; empty: the default for the environment. */
+    connectorHosts: string[];
+    credentialsKey: string;
+  },
 ): Promise<void> {
   const client = new pg.Client({ connectionString: ownerUrl });
   await client.connect();
@@ -122,10 +139,11 @@ export async function applyDatabaseSettings(
        select * from unnest($1::text[], $2::text[])
        on conflict (key) do update set value = excluded.value`,
       [
-        ["jwt_secret", "jwt_ttl", "allow_self_approval"],
-        [s.jwtSecret, s.jwtTtl, String(s.allowSelfApproval)],
+        ["jwt_secret", "jwt_ttl", "allow_self_approval", "environment", "connector_hosts"],
+        [s.jwtSecret, s.jwtTtl, String(s.allowSelfApproval), s.environment, JSON.stringify(s.connectorHosts)],
       ],
     );
+    await ensureCredentialKeys(client, s.credentialsKey);
   } finally {
     await client.end();
   }

@@ -30,6 +30,8 @@ export function rolePlaceholders(roles: RoleNames): Record<string, string> {
     ":ROLE_EDITOR": roles.editor,
     ":ROLE_ADMIN": roles.admin,
     ":ROLE_AGENT": roles.agent,
+    ":ROLE_CHANGE_RUNNER": roles.changeRunner,
+    ":ROLE_FILTER_READER": roles.filterReader,
   };
 }
 

@@ -1,7 +1,7 @@
 // What tasks need from the process that runs them, set once by startWorker.
 export interface JobContext {
-  /** Decrypts connector credentials (the database alone cannot). */
-  credentialsKey: string;
+  /** Opens connector credentials (snapbase_private.account_credentials); unsealed at start. */
+  credentialsSecretKey: Buffer;
   /** The owner's connection string: the `managed` connector reads this database with it. */
   ownerUrl: string;
 }

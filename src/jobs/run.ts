@@ -8,6 +8,7 @@
 import type { JobHelpers } from "graphile-worker";
 import type pg from "pg";
 import { openConnector, type ConnectorKind } from "../connectors/index.ts";
+import { pinConnectorTarget } from "../connectors/targets.ts";
 import { ConnectorError, type Connector } from "../connectors/types.ts";
 import { jobContext } from "./context.ts";
 
@@ -56,16 +57,26 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     settled = true;
   };
 
-  const { credentialsKey, ownerUrl } = jobContext();
+  const { credentialsSecretKey, ownerUrl } = jobContext();
   const [account] = await sql<{ kind: ConnectorKind; credentials: Record<string, unknown> | null }>(
     "select a.kind, snapbase_private.account_credentials(a.id, $2) as credentials from snapbase.connector_accounts a where a.id = $1",
-    [job.connector_account_id, credentialsKey],
+    [job.connector_account_id, credentialsSecretKey],
   );
   if (!account?.credentials) {
     await finish("failed", undefined, "the connector account was deleted");
     return;
   }
-  const connector = openConnector(account.kind, account.credentials, { ownerUrl, jobId: job.id });
+  let credentials: Record<string, unknown>;
+  try {
+    // Checked again now (the account was checked when stored): DNS and the rules may have changed.
+    credentials = await pinConnectorTarget(account.kind, account.credentials, sql);
+  } catch (error) {
+    const message = error instanceof Error ? error.message : String(error);
+    if (error instanceof ConnectorError && error.transient && helpers.job.attempts < helpers.job.max_attempts) throw error;
+    await finish("failed", undefined, message);
+    return;
+  }
+  const connector = openConnector(account.kind, credentials, { ownerUrl, jobId: job.id });
   try {
     await work({ job, accountKind: account.kind, connector, sql, finish, handedOff: () => void (settled = true) });
     if (!settled) await finish("succeeded");

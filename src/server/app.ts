@@ -96,8 +96,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const ownerPool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2 });
   authPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
   ownerPool.on("error", (e) => log.warn("idle owner connection failed", { error: e.message }));
-  const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs,
-    credentialsKey: opts.credentialsKey };
+  const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs };
 
   const hub = new EventHub(opts.authenticatorUrl);
 
