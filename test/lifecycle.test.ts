@@ -10,7 +10,7 @@ import { bootstrapCluster } from "../src/db/bootstrap.ts";
 import { projectRoot, runMigrations } from "../src/db/migrate.ts";
 import { exportSchema } from "../src/server/schema-export.ts";
 import { databaseName, withUrlParts } from "../src/db/urls.ts";
-import { db, owner } from "./helpers.ts";
+import { db, owner, TEST_CREDENTIALS_KEY } from "./helpers.ts";
 
 /** A TCP port nothing listens on now, so parallel runs do not collide. */
 async function freePort(): Promise<number> {
@@ -74,6 +74,7 @@ describe("npm start with DATABASE_URL", () => {
       DATABASE_AUTHENTICATOR_URL: db.authenticatorUrl,
       SNAPBASE_ROLE_PREFIX: db.roles.anonymous.replace(/_anonymous$/, ""),
       JWT_SECRET: db.jwtSecret,
+      SNAPBASE_CREDENTIALS_KEY: TEST_CREDENTIALS_KEY, // the key the test database's credentials key pair is sealed with
       JWT_TTL: "1 hour", // as global-setup set it: this start writes its settings to the shared test database
       SNAPBASE_DEMO: "false",
     });

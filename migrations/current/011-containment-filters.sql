@@ -12,7 +12,8 @@
 -- (snapbase_sandbox.read_*: SELECT on workbook tables, no other right, read-only
 -- functions) under the request's statement_timeout.
 
-drop function if exists snapbase_private.filter_parameters(snapbase.workbook_tables) cascade;
+drop function if exists snapbase_private.filter_parameters(snapbase.workbook_tables, text[]) cascade;
+drop function if exists snapbase_private.filter_columns(snapbase.workbook_tables, text) cascade;
 drop function if exists snapbase_private.filter_clause(snapbase.workbook_tables) cascade;
 drop function if exists snapbase_sandbox.read_jsonb(text, text[]) cascade;
 drop function if exists snapbase_sandbox.read_text_rows(text, text[]) cascade;

@@ -28,7 +28,7 @@ drop function if exists snapbase_sandbox.run_change(text, text) cascade;
 
 alter table snapbase.change_requests add column if not exists submitted_role name;
 comment on column snapbase.change_requests.submitted_role is
-  'The database role the submitter acted as; the change may read only what this role (and the submitter''s current role) may read.';
+  E'@behavior -*\nThe database role the submitter acted as; the change may read only what this role (and the submitter''s current role) may read.';
 
 -- The database role of a Snapbase user role.
 create function snapbase_private.db_role(app_role text) returns name

@@ -36,8 +36,11 @@ begin
   exception when others then
     base := null;
   end;
+  if base is null then
+    raise exception 'unknown type %', type_name using errcode = '22023';
+  end if;
   select * into t from pg_type where oid = base;
-  if base is null or t.typnamespace <> 'pg_catalog'::regnamespace or t.typtype not in ('b', 'r', 'm')
+  if t.typnamespace <> 'pg_catalog'::regnamespace or t.typtype not in ('b', 'r', 'm')
      or t.typname ~ '^(reg|pg_|_)' or t.typname in ('oid', 'xid', 'xid8', 'cid', 'tid', 'aclitem', 'refcursor', 'gtsvector',
                                                     'int2vector', 'oidvector', 'txid_snapshot', 'unknown', 'cstring') then
     raise exception 'type % is not supported (built-in scalar, range and array types only)', quote_literal(type_name)
