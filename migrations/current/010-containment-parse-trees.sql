@@ -249,6 +249,7 @@ declare
   result snapbase_private.probe_result;
   probe oid;
   tree text;
+  shifted_tree text;
 begin
   -- One statement, and it is our CREATE FUNCTION: parsed, never run.
   begin
@@ -291,11 +292,26 @@ begin
       join snapbase_private.node_fields(tree) p on p.node = r.node and p.field = 'requiredPerms' and p.value ~ '^\d+$'
      where p.value::int & 13 <> 0;
     -- $1-style references would mean something else where the text finally runs.
-    if exists (select 1 from snapbase_private.node_fields(tree) f
-                join snapbase_private.node_fields(tree) k on k.node = f.node and k.field = 'paramkind' and k.value = '0'
-               where f.node_type = 'PARAM' and f.field = 'location' and f.value ~ '^\d+$'
-                 and substr(ddl, f.value::int + 1, 1) = '$') then
-      result.problems := result.problems || 'positional parameters ($1)'::text;
+    -- The tree cannot tell `$1` from the first parameter's name (and PostgreSQL 16+
+    -- stores no locations), so the text is analysed again with one more parameter
+    -- in front: a name moves to the next number, `$1` does not.
+    if params <> '' then
+      begin
+        execute format('create function snapbase_sandbox.%I(%s) %s ', probe_name || '_shifted', '"$shift" bigint, ' || params, body_prefix)
+          || body || body_suffix;
+        select p.prosqlbody::text into shifted_tree from pg_proc p
+         where p.oid = format('snapbase_sandbox.%I', probe_name || '_shifted')::regproc::oid;
+        if exists (
+          with a as (select f.value::int as id, row_number() over (order by f.node) as n from snapbase_private.node_fields(tree) f
+                      where f.node_type = 'PARAM' and f.field = 'paramid' and f.value ~ '^\d+$'),
+               b as (select f.value::int as id, row_number() over (order by f.node) as n from snapbase_private.node_fields(shifted_tree) f
+                      where f.node_type = 'PARAM' and f.field = 'paramid' and f.value ~ '^\d+$')
+          select 1 from a full join b on a.n = b.n where b.id is distinct from a.id + 1) then
+          result.problems := result.problems || 'positional parameters ($1)'::text;
+        end if;
+      exception when others then
+        result.problems := result.problems || 'positional parameters ($1)'::text;
+      end;
     end if;
     -- Parameters of the probe (PARAM_EXTERN, kind 0): for filters, the columns used.
     select coalesce(array_agg(distinct f.value::int order by f.value::int), '{}') into result.params
