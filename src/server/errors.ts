@@ -36,6 +36,7 @@ function statusForSqlState(code: string): number {
   if (code === "P0002" || code === "02000") return 404;
   if (code === "40001" || code === "40P01" || code === "55P03" || code === "55000") return 409;
   if (code === "57014") return 408;
+  if (code === "54000") return 413; // a limit of ours: text too large
   // data exceptions, integrity violations, syntax/undefined objects in user SQL, raised by us
   if (/^(22|23|42|P0)/.test(code)) return 400;
   return 500;
