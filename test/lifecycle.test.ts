@@ -104,6 +104,25 @@ describe("npm start with DATABASE_URL", () => {
     expect(err).toContain("JWT_SECRET is required in production");
     expect(err).not.toMatch(/\n\s+at /);
   });
+
+  it("refuses a superuser owner in production, saying how to create one", async () => {
+    const child = spawn(process.execPath, ["src/cli.ts", "start"], {
+      cwd: projectRoot,
+      env: {
+        PATH: process.env.PATH ?? "", NODE_ENV: "production", PORT: "0",
+        DATABASE_URL: withUrlParts(db.rootUrl, { database: databaseName(db.ownerUrl) }),
+        JWT_SECRET: db.jwtSecret, SNAPBASE_CREDENTIALS_KEY: TEST_CREDENTIALS_KEY,
+      },
+    });
+    let err = "";
+    child.stderr.on("data", (d) => (err += d));
+    const code = await new Promise((resolve) => child.once("exit", resolve));
+    expect(code).toBe(1);
+    expect(err).toMatch(/a superuser\. Snapbase's owner must not be one/);
+    expect(err).toContain("ROOT_DATABASE_URL");
+    expect(err).toContain("CREATE ROLE snapbase_owner");
+    expect(err).not.toMatch(/\n\s+at /);
+  });
 });
 
 describe("npm start with no DATABASE_URL", () => {

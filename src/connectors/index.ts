@@ -12,6 +12,8 @@ export interface ConnectorOptions {
   ownerUrl: string;
   /** The job the connector works for: the `csv` connector records it on the versions it writes. */
   jobId?: string;
+  /** The database role of the job's creator: the `managed` connector reads with its rights only. */
+  creatorRole?: string;
 }
 
 export function openConnector(kind: ConnectorKind, credentials: Record<string, unknown>, opts: ConnectorOptions): Connector {
@@ -27,9 +29,10 @@ export function openConnector(kind: ConnectorKind, credentials: Record<string, u
         database: String(credentials.database),
       });
     case "managed":
-      // Reads go straight to this database; writes never do (publish_managed submits
-      // a change request instead).
-      return postgresConnector({ connectionString: opts.ownerUrl });
+      // Reads go straight to this database, as the job's creator (never as the owner);
+      // writes never do (publish_managed submits a change request instead).
+      if (!opts.creatorRole) throw new ConnectorError("reading managed tables needs the job creator's role", { transient: false });
+      return postgresConnector({ connectionString: opts.ownerUrl, managedAs: opts.creatorRole });
     case "csv":
       // The file lives in this database; create_connector_account checked it is the account owner's.
       return csvConnector({ fileId: String(credentials.file_id) }, { ownerUrl: opts.ownerUrl, jobId: opts.jobId });

@@ -24,7 +24,15 @@ import {
 
 export interface PostgresCredentials {
   connectionString: string;
+  /**
+   * For this database's managed tables: the role every query runs as (the job
+   * creator's), so reads carry that user's table and column privileges, and only
+   * managed tables are listed.
+   */
+  managedAs?: string;
 }
+
+const LIST_MANAGED_TABLES = `select qualified_name as name from snapbase.managed_tables order by qualified_name`;
 
 /** A table resolved through the catalog, with the quoted names its SQL needs. */
 interface ResolvedTable {
@@ -41,7 +49,12 @@ const quote = pg.escapeIdentifier;
 
 export function postgresConnector(credentials: PostgresCredentials): Connector {
   const password = passwordIn(credentials.connectionString);
-  const pool = new pg.Pool({ connectionString: credentials.connectionString, max: 2, connectionTimeoutMillis: 10_000 });
+  const pool = new pg.Pool({
+    connectionString: credentials.connectionString,
+    max: 2,
+    connectionTimeoutMillis: 10_000,
+    ...(credentials.managedAs ? { options: `-c role=${credentials.managedAs}` } : {}),
+  });
   // An idle connection the server drops must not crash the process; the next query reports it.
   pool.on("error", () => {});
 
@@ -72,7 +85,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
   return {
     test: () => guard(async () => void (await pool.query("select 1"))),
 
-    listTables: () => guard(async () => (await pool.query(LIST_TABLES)).rows.map((r) => r.name as string)),
+    listTables: () => guard(async () => (await pool.query(credentials.managedAs ? LIST_MANAGED_TABLES : LIST_TABLES)).rows.map((r) => r.name as string)),
 
     tableSpec: (table) => guard(async () => (await resolve(table)).spec),
 

@@ -2,7 +2,7 @@
 // DATABASE_URL is given, creates roles and database when it can, migrates, and
 // hands the JWT secret to the database (it signs tokens in snapbase.authenticate).
 import pg from "pg";
-import { type Config, roleNames } from "../config.ts";
+import { ConfigError, type Config, roleNames } from "../config.ts";
 import { log } from "../log.ts";
 import { ensureCredentialKeys } from "../connectors/credential-keys.ts";
 import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
@@ -36,6 +36,7 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
 
   if (config.databaseUrl) {
     ownerUrl = config.databaseUrl;
+    await refuseSuperuserOwner(ownerUrl, config);
     // The owner may be allowed to create roles (a superuser in development or CI);
     // then it bootstraps through the maintenance database, as ROOT_DATABASE_URL would.
     const maintenanceUrl = withUrlParts(ownerUrl, { database: "postgres" });
@@ -115,6 +116,34 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
       await embedded?.stop();
     },
   };
+}
+
+/**
+ * The owner runs migrations and workers and owns every object, but user text never
+ * runs as it; still, a superuser owner would turn any slip into the whole cluster.
+ * Production refuses one; development warns.
+ */
+async function refuseSuperuserOwner(ownerUrl: string, config: Config): Promise<void> {
+  const client = new pg.Client({ connectionString: ownerUrl });
+  client.on("error", () => {});
+  let superuser = false;
+  try {
+    await client.connect();
+    superuser = Boolean((await client.query("select rolsuper from pg_roles where rolname = current_user")).rows[0]?.rolsuper);
+  } catch {
+    return; // bootstrap and migrations report an unreachable database with their own message
+  } finally {
+    await client.end().catch(() => {});
+  }
+  if (!superuser) return;
+  const user = new URL(ownerUrl).username || "(default user)";
+  const howTo =
+    `DATABASE_URL connects as ${decodeURIComponent(user)}, a superuser. Snapbase's owner must not be one: ` +
+    "set ROOT_DATABASE_URL to the superuser URL and DATABASE_URL to a new owner (e.g. postgres://snapbase_owner:<password>@host/snapbase); " +
+    "npm start then creates that role and the database. Or create them yourself: " +
+    "CREATE ROLE snapbase_owner LOGIN PASSWORD '<password>'; CREATE DATABASE snapbase OWNER snapbase_owner;";
+  if (config.env === "production") throw new ConfigError([howTo]);
+  log.warn("the database owner is a superuser (allowed outside production only)", { hint: howTo });
 }
 
 /** Settings the SQL layer reads: the JWT secret and TTL, and policy switches. Also

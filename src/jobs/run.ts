@@ -58,9 +58,11 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
   };
 
   const { credentialsSecretKey, ownerUrl } = jobContext();
-  const [account] = await sql<{ kind: ConnectorKind; credentials: Record<string, unknown> | null }>(
-    "select a.kind, snapbase_private.account_credentials(a.id, $2) as credentials from snapbase.connector_accounts a where a.id = $1",
-    [job.connector_account_id, credentialsSecretKey],
+  const [account] = await sql<{ kind: ConnectorKind; credentials: Record<string, unknown> | null; creator_role: string | null }>(
+    `select a.kind, case when a.kind = 'managed' then '{}'::jsonb else snapbase_private.account_credentials(a.id, $2) end as credentials,
+            (select snapbase_private.db_role(u.role::text) from snapbase.users u join snapbase.jobs j on j.created_by = u.id where j.id = $3) as creator_role
+       from snapbase.connector_accounts a where a.id = $1`,
+    [job.connector_account_id, credentialsSecretKey, job.id],
   );
   if (!account?.credentials) {
     await finish("failed", undefined, "the connector account was deleted");
@@ -76,7 +78,7 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     await finish("failed", undefined, message);
     return;
   }
-  const connector = openConnector(account.kind, credentials, { ownerUrl, jobId: job.id });
+  const connector = openConnector(account.kind, credentials, { ownerUrl, jobId: job.id, creatorRole: account.creator_role ?? undefined });
   try {
     await work({ job, accountKind: account.kind, connector, sql, finish, handedOff: () => void (settled = true) });
     if (!settled) await finish("succeeded");
