@@ -3,7 +3,7 @@
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
-import { startServer, type RunningServer } from "../src/server/app.ts";
+import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
 
@@ -90,7 +90,9 @@ export async function tokenFor(u: TestUser): Promise<string> {
   return rows[0].token;
 }
 
-export async function startTestServer(opts: { statementTimeoutMs?: number } = {}): Promise<RunningServer> {
+export async function startTestServer(
+  opts: { statementTimeoutMs?: number } & Partial<Pick<ServerOptions, "http">> = {},
+): Promise<RunningServer> {
   return startServer({
     ownerUrl: db.ownerUrl,
     authenticatorUrl: db.authenticatorUrl,
@@ -100,21 +102,23 @@ export async function startTestServer(opts: { statementTimeoutMs?: number } = {}
     port: 0,
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
+    http: opts.http,
   });
 }
 
 export interface HttpResult<T = any> {
   status: number;
   body: T;
+  headers: Headers;
 }
 
 export async function http<T = any>(
   base: string,
   method: string,
   path: string,
-  opts: { token?: string; body?: unknown; rawBody?: string } = {},
+  opts: { token?: string; body?: unknown; rawBody?: string; headers?: Record<string, string> } = {},
 ): Promise<HttpResult<T>> {
-  const headers: Record<string, string> = {};
+  const headers: Record<string, string> = { ...opts.headers };
   if (opts.token) headers.authorization = `Bearer ${opts.token}`;
   if (opts.body !== undefined || opts.rawBody !== undefined) headers["content-type"] = "application/json";
   const res = await fetch(base + path, {
@@ -129,7 +133,7 @@ export async function http<T = any>(
   } catch {
     /* not JSON: keep the text */
   }
-  return { status: res.status, body };
+  return { status: res.status, body, headers: res.headers };
 }
 
 export async function graphql<T = any>(
@@ -137,8 +141,9 @@ export async function graphql<T = any>(
   query: string,
   variables: Record<string, unknown> = {},
   token?: string,
+  headers?: Record<string, string>,
 ): Promise<HttpResult<{ data?: T; errors?: { message: string; extensions?: { code?: string } }[] }>> {
-  return http(base, "POST", "/graphql", { token, body: { query, variables } });
+  return http(base, "POST", "/graphql", { token, body: { query, variables }, headers });
 }
 
 /** The SQLSTATE of the error fn throws (fails the test if it does not throw). */
