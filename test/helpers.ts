@@ -3,6 +3,7 @@
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
+import { signClaims } from "../src/auth/tokens.ts";
 import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
@@ -84,10 +85,11 @@ export async function createUser(role: TestUser["role"], label: string = role): 
 
 export const actorOf = (u: TestUser): Actor => ({ role: u.role, userId: u.id, email: u.email });
 
-/** Signs in through SQL (the same function REST and GraphQL use) and returns the JWT. */
+/** Signs in through SQL (snapbase.authenticate opens a session and returns its
+ *  claims) and signs the JWT as the server would. */
 export async function tokenFor(u: TestUser): Promise<string> {
-  const { rows } = await owner().query("select snapbase.authenticate($1, $2) as token", [u.email, TEST_PASSWORD]);
-  return rows[0].token;
+  const { rows } = await owner().query("select to_jsonb(c) as claims from snapbase.authenticate($1, $2) c", [u.email, TEST_PASSWORD]);
+  return signClaims(rows[0].claims, db.jwtSecret);
 }
 
 export async function startTestServer(

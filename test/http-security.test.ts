@@ -130,7 +130,7 @@ describe("security headers and CORS", () => {
   it("every response carries security headers", async () => {
     const res = await fetch(dev.url + "/healthz");
     expect(res.headers.get("x-content-type-options")).toBe("nosniff");
-    expect(res.headers.get("x-frame-options")).toBe("SAMEORIGIN");
+    expect(res.headers.get("x-frame-options")).toBe("DENY");
     expect(res.headers.get("referrer-policy")).toBe("no-referrer");
     const csp = res.headers.get("content-security-policy") ?? "";
     expect(csp).toMatch(/default-src 'self'/);

@@ -1,8 +1,9 @@
 // Turns the config into ready connections: starts the embedded server when no
 // DATABASE_URL is given, creates roles and database when it can, migrates, and
-// hands the JWT secret to the database (it signs tokens in snapbase.authenticate).
+// writes the settings the SQL layer reads (never a secret: the server alone signs
+// and verifies JWTs).
 import pg from "pg";
-import { type Config, roleNames } from "../config.ts";
+import { type Config, type LoginPolicy, roleNames } from "../config.ts";
 import { log } from "../log.ts";
 import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "./embedded.ts";
@@ -89,7 +90,7 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
       await runMigrations(migrationTarget, { includeCurrent: config.env !== "production" });
       log.info("migrations applied", { database: databaseName(ownerUrl) });
     }
-    await applyDatabaseSettings(ownerUrl, { jwtSecret, jwtTtl: config.jwtTtl, allowSelfApproval: config.allowSelfApproval });
+    await applyDatabaseSettings(ownerUrl, { jwtTtl: config.jwtTtl, allowSelfApproval: config.allowSelfApproval, login: config.login });
   } catch (error) {
     await embedded?.stop();
     throw error;
@@ -109,10 +110,11 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
   };
 }
 
-/** Settings the SQL layer reads: the JWT secret and TTL, and policy switches. */
+/** Settings the SQL layer reads: session lifetime, sign-in throttling and policy
+ *  switches. No secret: the JWT secret stays in the server's memory. */
 export async function applyDatabaseSettings(
   ownerUrl: string,
-  s: { jwtSecret: string; jwtTtl: string; allowSelfApproval: boolean },
+  s: { jwtTtl: string; allowSelfApproval: boolean; login: LoginPolicy },
 ): Promise<void> {
   const client = new pg.Client({ connectionString: ownerUrl });
   await client.connect();
@@ -122,8 +124,8 @@ export async function applyDatabaseSettings(
        select * from unnest($1::text[], $2::text[])
        on conflict (key) do update set value = excluded.value`,
       [
-        ["jwt_secret", "jwt_ttl", "allow_self_approval"],
-        [s.jwtSecret, s.jwtTtl, String(s.allowSelfApproval)],
+        ["jwt_ttl", "allow_self_approval", "login_max_failures", "login_max_failures_per_address", "login_lockout"],
+        [s.jwtTtl, String(s.allowSelfApproval), String(s.login.maxFailures), String(s.login.maxFailuresPerAddress), s.login.lockout],
       ],
     );
   } finally {
