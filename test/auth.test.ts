@@ -285,6 +285,27 @@ describe("stream tokens", () => {
   });
 });
 
+describe("open event streams", () => {
+  it("end at the next event once their session is revoked", async () => {
+    const u = await createUser("viewer", "streaming");
+    const token = await tokenFor(u);
+    const stream = (await graphql(server.url, "{ createStreamToken }", {}, token)).body.data.createStreamToken;
+    const res = await fetch(`${server.url}/api/v1/changes/events?access_token=${stream}`);
+    expect(res.status).toBe(200);
+    const reader = res.body!.getReader();
+    await reader.read(); // "retry: …"
+    await graphql(server.url, "mutation { revokeAllSessions(input: {}) { result } }", {}, token);
+    await owner().query("select snapbase_private.emit('changes', 'test_event', '{}')");
+    const ended = await Promise.race([
+      (async () => {
+        for (;;) if ((await reader.read()).done) return true;
+      })(),
+      new Promise((resolve) => setTimeout(() => resolve(false), 5000)),
+    ]);
+    expect(ended).toBe(true);
+  });
+});
+
 describe("sign-in throttling", () => {
   it("locks an account after 5 failures: 429 with Retry-After, even for the right password, and audits the lockout", async () => {
     const u = await createUser("viewer", "throttled");

@@ -231,7 +231,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use(authenticate(auth));
   api.use(requireSignIn(opts.roles));
   api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret }));
-  api.use(eventRoutes({ pool: authPool, hub }));
+  api.use(eventRoutes({ pool: authPool, hub, reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }) }));
   api.use(exportRoutes({ pool: authPool }));
   api.use(importRoutes({ pool: authPool }));
   api.use(changeRoutes({ pool: authPool }));
