@@ -350,6 +350,23 @@ describe("sign-in throttling", () => {
   });
 });
 
+describe("hostile sign-in input", () => {
+  it("SQL in the email, a huge password and a forged forwarding header are plain data", async () => {
+    const sql = await login("x'); delete from snapbase.users; --@example.com", "' or '1'='1", "198.51.100.90");
+    expect(sql.status).toBe(401);
+    expect((await owner().query("select count(*)::int as n from snapbase.users where id = $1", [viewer.id])).rows[0].n).toBe(1);
+    const huge = await login(viewer.email, "p".repeat(100_000), "198.51.100.91");
+    expect(huge.status).toBe(401);
+    // Not an address: the failure is counted against the proxy that forwarded it.
+    const forged = await login(`forged-${Date.now()}@example.com`, "wrong password", "'; drop table x; --");
+    expect(forged.status).toBe(401);
+    const { rows } = await owner().query("select key from snapbase_private.login_throttle where scope = 'address' and key like '%drop%'");
+    expect(rows).toEqual([]);
+    const gql = await graphql(server.url, `mutation { authenticate(input: { email: null, password: "x" }) { result } }`);
+    expect(gql.body.errors?.[0]?.extensions?.code).toBe("invalid_body");
+  });
+});
+
 describe("the JWT secret is out of reach of requests", () => {
   it("GraphQL authenticate and REST login return a JWT the server signed; psql gets the session's claims", async () => {
     const gql = await graphql(server.url, `mutation($e: String!, $p: String!) { authenticate(input: { email: $e, password: $p }) { result } }`, { e: viewer.email, p: TEST_PASSWORD });

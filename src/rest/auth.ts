@@ -1,10 +1,11 @@
 // REST sign-in: the same throttled sign-in as GraphQL's `authenticate`.
+import type { IncomingMessage } from "node:http";
 import { Router } from "express";
 import type pg from "pg";
 import { signIn } from "../auth/sign-in.ts";
 import { HttpError } from "../server/errors.ts";
 
-export function authRoutes(deps: { pool: pg.Pool; jwtSecret: string }): Router {
+export function authRoutes(deps: { pool: pg.Pool; jwtSecret: string; clientAddress: (req: IncomingMessage) => string | undefined }): Router {
   const router = Router();
   router.post("/auth/login", async (req, res) => {
     const body = req.body as unknown;
@@ -13,7 +14,7 @@ export function authRoutes(deps: { pool: pg.Pool; jwtSecret: string }): Router {
     if (typeof email !== "string" || typeof password !== "string" || email === "" || password === "") {
       throw new HttpError(400, "invalid_body", 'send a JSON body {"email": "...", "password": "..."}');
     }
-    res.json({ token: await signIn(deps, email, password, req.ip) });
+    res.json({ token: await signIn(deps, email, password, deps.clientAddress(req)) });
   });
   return router;
 }

@@ -100,13 +100,15 @@ function requireSignIn(roles: RoleNames) {
 function clientAddressFn(app: express.Express) {
   return (req: IncomingMessage): string | undefined => {
     const ip = (req as Request).ip;
-    if (ip !== undefined) return isIP(ip) ? ip : undefined;
+    // A forwarded value that is not an address (only a trusted proxy's can reach
+    // here) counts as the proxy itself, so throttling never loses the address.
+    if (ip !== undefined) return isIP(ip) ? ip : req.socket.remoteAddress;
     const trust = app.get("trust proxy fn") as (address: string, hop: number) => boolean;
     const forwarded = String(req.headers["x-forwarded-for"] ?? "").split(",").map((a) => a.trim()).filter((a) => a !== "").reverse();
     const chain = [req.socket.remoteAddress ?? "", ...forwarded];
     let hop = 0;
     while (hop < chain.length - 1 && trust(chain[hop]!, hop)) hop++;
-    return isIP(chain[hop]!) ? chain[hop] : undefined;
+    return isIP(chain[hop]!) ? chain[hop] : req.socket.remoteAddress;
   };
 }
 
@@ -192,6 +194,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const app = express();
   app.disable("x-powered-by");
   app.set("trust proxy", http.trustProxy);
+  const clientAddress = clientAddressFn(app);
   app.use(requestLog);
   app.use(securityHeaders());
   if (http.corsOrigins.length > 0) {
@@ -230,7 +233,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use(express.json({ limit: "10mb" }));
   api.use(authenticate(auth));
   api.use(requireSignIn(opts.roles));
-  api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret }));
+  api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret, clientAddress }));
   api.use(eventRoutes({ pool: authPool, hub, reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }) }));
   api.use(exportRoutes({ pool: authPool }));
   api.use(importRoutes({ pool: authPool }));
@@ -242,7 +245,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   app.use("/graphql", authenticate(auth), throttledGraphqlStatus);
 
   const httpServer = createServer(app);
-  const preset = makePreset({ pool: authPool, auth, http, clientAddress: clientAddressFn(app) });
+  const preset = makePreset({ pool: authPool, auth, http, clientAddress });
   const pgl = postgraphile(preset);
   const serv = pgl.createServ(grafserv);
   await serv.addTo(app, httpServer);
