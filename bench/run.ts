@@ -14,6 +14,7 @@ import { promisify } from "node:util";
 import { createClient } from "graphql-ws";
 import pg from "pg";
 import WebSocket from "ws";
+import { signClaims } from "../src/auth/tokens.ts";
 import { loadConfig } from "../src/config.ts";
 import { prepareDatabase, type Database } from "../src/db/database.ts";
 import { databaseName, withUrlParts } from "../src/db/urls.ts";
@@ -652,9 +653,13 @@ async function benchApi(db: Database, statementTimeoutMs: number): Promise<void>
   try {
     await Promise.all([owner.connect(), user.connect()]);
     await signInBenchUser(user);
-    // The token authenticate would issue, signed by the database for the bench user
-    // (no password needed: the bench runs as the owner).
-    const token = (await owner.query("select snapbase_private.token_for(u) as token from snapbase.users u where u.email = $1", [BENCH_EMAIL])).rows[0].token;
+    // A session for the bench user, opened as the owner (no password needed), signed
+    // as the server signs sign-ins.
+    const claims = (await owner.query(
+      `with s as (insert into snapbase_private.sessions (user_id, expires_at) select u.id, now() + interval '8 hours' from snapbase.users u where u.email = $1 returning *)
+       select s.id as session_id, u.id as user_id, u.email, u.role::text as role, 'session' as kind, s.created_at as issued_at, s.expires_at
+         from s join snapbase.users u on u.id = s.user_id`, [BENCH_EMAIL])).rows[0];
+    const token = signClaims(claims, db.jwtSecret);
     const api: Api = { server, token, owner, user };
     if (exportRows > 0) {
       const [rows, memory] = await benchExport(api, db, exportRows);

@@ -67,6 +67,7 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
       port: config.port,
       statementTimeoutMs: config.statementTimeoutMs,
       credentialsKey: db.credentialsKey,
+      http: config.http,
     });
     parts.push({ name: "http server", stop: () => server!.close() });
   }
@@ -75,7 +76,7 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
   if (server) {
     lines.push(
       `  GraphQL     ${server.url}/graphql  (WebSocket subscriptions on the same path)`,
-      `  GraphiQL    ${server.url}/graphiql`,
+      ...(config.http.graphiql ? [`  GraphiQL    ${server.url}/graphiql`] : []),
       `  REST        ${server.url}/api/v1`,
       `  health      ${server.url}/healthz   readiness ${server.url}/readyz`,
     );

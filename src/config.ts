@@ -1,5 +1,6 @@
 // Configuration comes only from the environment; loadConfig() validates all of it
 // at once so a misconfigured deployment fails at start with every problem listed.
+import { isIP } from "node:net";
 import path from "node:path";
 
 export type Environment = "development" | "production" | "test";
@@ -16,6 +17,30 @@ export interface RoleNames {
   changeRunner: string;
   /** Runs workbook queries that carry a user's filter: SELECT on workbook tables, nothing else. */
   filterReader: string;
+}
+
+/** The HTTP surface: GraphiQL, introspection, suggestions, GraphQL limits, CORS, proxies. */
+export interface HttpOptions {
+  /** Serve the Ruru GraphiQL IDE on /graphiql. */
+  graphiql: boolean;
+  /** Anonymous requests may introspect the schema (signed-in users always may). */
+  publicIntrospection: boolean;
+  /** GraphQL errors may say "Did you mean …?". */
+  suggestions: boolean;
+  /** Origins allowed by CORS; ["*"] for any; [] for none (same origin only). */
+  corsOrigins: string[];
+  /** Express's `trust proxy`: which proxies' X-Forwarded-For to believe for the client address. */
+  trustProxy: boolean | number | string;
+  graphqlLimits: { maxAliases: number; maxDepth: number; maxCost: number };
+}
+
+export interface LoginPolicy {
+  /** Failed sign-ins per account within the lockout window before it is locked. */
+  maxFailures: number;
+  /** The same per client address, across accounts. */
+  maxFailuresPerAddress: number;
+  /** How long a lockout lasts; also the window failures are counted in. */
+  lockout: string;
 }
 
 export interface Config {
@@ -45,6 +70,51 @@ export interface Config {
   statementTimeoutMs: number;
   /** SNAPBASE_CONNECTOR_HOSTS: hosts connectors may reach (empty: public addresses in production, any elsewhere). */
   connectorHosts: string[];
+  login: LoginPolicy;
+  http: HttpOptions;
+}
+
+/** What a server gets when its options do not say (development). */
+export const developmentHttpOptions: HttpOptions = {
+  graphiql: true,
+  publicIntrospection: true,
+  suggestions: true,
+  corsOrigins: [],
+  trustProxy: false,
+  graphqlLimits: { maxAliases: 20, maxDepth: 12, maxCost: 50000 },
+};
+
+const intervalPattern = /^\d+\s*(seconds?|minutes?|hours?|days?)$/;
+
+function parseCorsOrigins(raw: string | undefined, problems: string[]): string[] {
+  if (raw === undefined || raw.trim() === "") return [];
+  const origins = raw.split(",").map((o) => o.trim()).filter((o) => o !== "");
+  if (origins.length === 1 && origins[0] === "*") return ["*"];
+  const bad = origins.filter((o) => {
+    try {
+      const u = new URL(o);
+      return !["http:", "https:"].includes(u.protocol) || u.origin !== o;
+    } catch {
+      return true;
+    }
+  });
+  if (bad.length) {
+    problems.push(`CORS_ORIGINS must be * or a comma-separated list of origins like https://app.example.com (no path); not ${bad.map((b) => JSON.stringify(b)).join(", ")}`);
+  }
+  return origins.filter((o) => !bad.includes(o));
+}
+
+function parseTrustProxy(raw: string | undefined, problems: string[]): boolean | number | string {
+  if (raw === undefined || raw === "" || /^(0|false|no|off)$/i.test(raw)) return false;
+  if (/^(true|yes|on)$/i.test(raw)) return true;
+  if (/^\d+$/.test(raw)) return Number(raw);
+  const items = raw.split(",").map((i) => i.trim());
+  const valid = items.every((i) => ["loopback", "linklocal", "uniquelocal"].includes(i) || isIP(i.split("/")[0]!) !== 0);
+  if (!valid) {
+    problems.push(`TRUST_PROXY must be true, false, a number of proxies, or addresses/subnets (or loopback, linklocal, uniquelocal), comma-separated (got ${JSON.stringify(raw)})`);
+    return false;
+  }
+  return raw;
 }
 
 export class ConfigError extends Error {
@@ -144,7 +214,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     problems.push("JWT_SECRET must be at least 32 characters");
   }
   const jwtTtl = env.JWT_TTL || "8 hours";
-  if (!/^\d+\s*(seconds?|minutes?|hours?|days?)$/.test(jwtTtl)) {
+  if (!intervalPattern.test(jwtTtl)) {
     problems.push(`JWT_TTL must look like "30 minutes" or "8 hours" (got ${JSON.stringify(jwtTtl)})`);
   }
   const config: Config = {
@@ -171,7 +241,27 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     allowSelfApproval: parseBool("ALLOW_SELF_APPROVAL", env.ALLOW_SELF_APPROVAL, false, problems),
     statementTimeoutMs: parseInt10("STATEMENT_TIMEOUT_MS", env.STATEMENT_TIMEOUT_MS, 60000, 0, 3600000, problems),
     connectorHosts: parseHostList("SNAPBASE_CONNECTOR_HOSTS", env.SNAPBASE_CONNECTOR_HOSTS, problems),
+    http: {
+      graphiql: parseBool("GRAPHIQL", env.GRAPHIQL, nodeEnv !== "production", problems),
+      publicIntrospection: parseBool("GRAPHQL_PUBLIC_INTROSPECTION", env.GRAPHQL_PUBLIC_INTROSPECTION, nodeEnv !== "production", problems),
+      suggestions: parseBool("GRAPHQL_SUGGESTIONS", env.GRAPHQL_SUGGESTIONS, nodeEnv !== "production", problems),
+      corsOrigins: parseCorsOrigins(env.CORS_ORIGINS, problems),
+      trustProxy: parseTrustProxy(env.TRUST_PROXY, problems),
+      graphqlLimits: {
+        maxAliases: parseInt10("GRAPHQL_MAX_ALIASES", env.GRAPHQL_MAX_ALIASES, developmentHttpOptions.graphqlLimits.maxAliases, 1, 10000, problems),
+        maxDepth: parseInt10("GRAPHQL_MAX_DEPTH", env.GRAPHQL_MAX_DEPTH, developmentHttpOptions.graphqlLimits.maxDepth, 1, 100, problems),
+        maxCost: parseInt10("GRAPHQL_MAX_COST", env.GRAPHQL_MAX_COST, developmentHttpOptions.graphqlLimits.maxCost, 1, 1e9, problems),
+      },
+    },
+    login: {
+      maxFailures: parseInt10("LOGIN_MAX_FAILURES", env.LOGIN_MAX_FAILURES, 5, 1, 1000, problems),
+      maxFailuresPerAddress: parseInt10("LOGIN_MAX_FAILURES_PER_ADDRESS", env.LOGIN_MAX_FAILURES_PER_ADDRESS, 20, 1, 100000, problems),
+      lockout: env.LOGIN_LOCKOUT || "15 minutes",
+    },
   };
+  if (!intervalPattern.test(config.login.lockout)) {
+    problems.push(`LOGIN_LOCKOUT must look like "15 minutes" or "1 hour" (got ${JSON.stringify(config.login.lockout)})`);
+  }
   if (config.demoPassword !== undefined && config.demoPassword.length < 8) {
     problems.push("DEMO_PASSWORD must be at least 8 characters");
   }

@@ -1,5 +1,7 @@
 // Authentication, roles and API tokens, through SQL and over real HTTP.
 import jwt from "jsonwebtoken";
+import pg from "pg";
+import { databaseName, withUrlParts } from "../src/db/urls.ts";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import {
@@ -11,7 +13,8 @@ let server: RunningServer;
 let admin: TestUser, editor: TestUser, viewer: TestUser;
 
 beforeAll(async () => {
-  server = await startTestServer();
+  // Trusts X-Forwarded-For from loopback, so tests can sign in "from" several addresses.
+  server = await startTestServer({ http: { trustProxy: "loopback" } });
   [admin, editor, viewer] = await Promise.all([createUser("admin"), createUser("editor"), createUser("viewer")]);
 });
 afterAll(async () => {
@@ -183,5 +186,224 @@ describe("API tokens", () => {
     const after = await graphql(server.url, "{ currentAppRole }", {}, token);
     expect(after.status).toBe(401);
     expect(after.body.errors?.[0]?.extensions?.code).toBe("invalid_token");
+  });
+});
+
+const login = (email: string, password: string, from = "198.51.100.1") =>
+  http(server.url, "POST", "/api/v1/auth/login", { body: { email, password }, headers: { "x-forwarded-for": from } });
+const whoAmI = "{ currentAppRole currentUser { email role } }";
+const createUserMutation = `mutation($email: String!) { createUser(input: { email: $email, password: "long enough", role: admin }) { result { email } } }`;
+
+describe("sessions: every request acts with the user's current role and status", () => {
+  it("a demoted admin's JWT acts as a viewer at once and can no longer create admins", async () => {
+    const demoted = await createUser("admin", "demoted");
+    const token = await tokenFor(demoted);
+    expect((await graphql(server.url, whoAmI, {}, token)).body.data.currentAppRole).toBe("admin");
+    await owner().query("update snapbase.users set role = 'viewer' where id = $1", [demoted.id]);
+    expect((await graphql(server.url, whoAmI, {}, token)).body.data).toEqual({ currentAppRole: "viewer", currentUser: { email: demoted.email, role: "viewer" } });
+    const denied = await graphql(server.url, createUserMutation, { email: `made-by-demoted-${Date.now()}@example.com` }, token);
+    expect(denied.body.errors?.[0]?.extensions?.code).toBe("42501");
+  });
+
+  it("an admin changes a role with set_user_role, audited", async () => {
+    const target = await createUser("editor", "promoted");
+    const res = await graphql(server.url, `mutation($id: BigInt!) { setUserRole(input: { userId: $id, role: viewer }) { result { role } } }`, { id: target.id }, await tokenFor(admin));
+    expect(res.body.data.setUserRole.result.role).toBe("viewer");
+    const { rows } = await owner().query("select details from snapbase.audit_log where action = 'set_user_role' and subject_id = $1", [target.id]);
+    expect(rows[0].details).toMatchObject({ from: "editor", to: "viewer" });
+  });
+
+  it("sign-out ends the session at once; other sessions go on", async () => {
+    const u = await createUser("editor", "signout");
+    const [a, b] = [(await login(u.email, TEST_PASSWORD)).body.token, (await login(u.email, TEST_PASSWORD)).body.token];
+    const out = await graphql(server.url, "mutation { signOut(input: {}) { result } }", {}, a);
+    expect(out.body.data.signOut.result).toBe(true);
+    const after = await graphql(server.url, whoAmI, {}, a);
+    expect(after.status).toBe(401);
+    expect(after.body.errors?.[0]?.extensions?.code).toBe("session_ended");
+    const rest = await http(server.url, "GET", "/api/v1/changes", { token: a });
+    expect(rest.status).toBe(401);
+    expect(rest.body.error.code).toBe("session_ended");
+    expect((await graphql(server.url, whoAmI, {}, b)).body.data.currentAppRole).toBe("editor");
+  });
+
+  it("revoke all my sessions ends every session of the user, stream tokens included", async () => {
+    const u = await createUser("viewer", "revokeall");
+    const a = (await login(u.email, TEST_PASSWORD)).body.token;
+    const b = await tokenFor(u);
+    const stream = (await graphql(server.url, "{ createStreamToken }", {}, b)).body.data.createStreamToken;
+    const res = await graphql(server.url, "mutation { revokeAllSessions(input: {}) { result } }", {}, a);
+    expect(res.body.data.revokeAllSessions.result).toBe(2);
+    for (const token of [a, b]) expect((await graphql(server.url, whoAmI, {}, token)).status).toBe(401);
+    expect((await fetch(`${server.url}/api/v1/changes/events?access_token=${stream}`)).status).toBe(401);
+  });
+
+  it("a disabled user is refused at once: JWTs, API tokens and sign-in", async () => {
+    const u = await createUser("editor", "disabled");
+    const token = await tokenFor(u);
+    const apiToken = (await graphql(server.url, `mutation { createApiToken(input: { name: "t", scopes: ["read"] }) { result } }`, {}, token)).body.data.createApiToken.result;
+    const res = await graphql(server.url, `mutation($id: BigInt!) { setUserDisabled(input: { userId: $id, disabled: true }) { result { disabledAt } } }`, { id: u.id }, await tokenFor(admin));
+    expect(res.body.data.setUserDisabled.result.disabledAt).toBeTruthy();
+    for (const t of [token, apiToken]) {
+      const r = await graphql(server.url, whoAmI, {}, t);
+      expect(r.status).toBe(401);
+    }
+    const again = await login(u.email, TEST_PASSWORD);
+    expect(again.status).toBe(401);
+    expect(again.body.error).toEqual({ code: "28000", message: "this account is disabled" });
+  });
+
+  it("a deleted user is refused at once", async () => {
+    const u = await createUser("admin", "deleted");
+    const token = await tokenFor(u);
+    await owner().query("delete from snapbase.users where id = $1", [u.id]);
+    const res = await graphql(server.url, whoAmI, {}, token);
+    expect(res.status).toBe(401);
+    expect(res.body.errors?.[0]?.extensions?.code).toBe("session_ended");
+  });
+});
+
+describe("stream tokens", () => {
+  it("are good for SSE reading only: refused as a Bearer token on GraphQL and REST", async () => {
+    const token = await tokenFor(editor);
+    const stream = (await graphql(server.url, "{ createStreamToken }", {}, token)).body.data.createStreamToken;
+    const mint = await graphql(server.url, `mutation { createApiToken(input: { name: "from stream", scopes: ["write"] }) { result } }`, {}, stream);
+    expect(mint.status).toBe(401);
+    expect(mint.body.errors?.[0]).toMatchObject({ extensions: { code: "stream_token_not_allowed" } });
+    expect(mint.body.errors?.[0]?.message).toMatch(/event streams/);
+    const rest = await http(server.url, "GET", "/api/v1/changes", { token: stream });
+    expect(rest.status).toBe(401);
+    expect(rest.body.error.code).toBe("stream_token_not_allowed");
+    const sse = new AbortController();
+    const ok = await fetch(`${server.url}/api/v1/changes/events?access_token=${stream}`, { signal: sse.signal });
+    expect(ok.status).toBe(200);
+    sse.abort();
+    const bearerSse = new AbortController();
+    const ok2 = await fetch(`${server.url}/api/v1/changes/events`, { headers: { authorization: `Bearer ${stream}` }, signal: bearerSse.signal });
+    expect(ok2.status).toBe(200);
+    bearerSse.abort();
+  });
+});
+
+describe("open event streams", () => {
+  it("end at the next event once their session is revoked", async () => {
+    const u = await createUser("viewer", "streaming");
+    const token = await tokenFor(u);
+    const stream = (await graphql(server.url, "{ createStreamToken }", {}, token)).body.data.createStreamToken;
+    const res = await fetch(`${server.url}/api/v1/changes/events?access_token=${stream}`);
+    expect(res.status).toBe(200);
+    const reader = res.body!.getReader();
+    await reader.read(); // "retry: …"
+    await graphql(server.url, "mutation { revokeAllSessions(input: {}) { result } }", {}, token);
+    await owner().query("select snapbase_private.emit('changes', 'test_event', '{}')");
+    const ended = await Promise.race([
+      (async () => {
+        for (;;) if ((await reader.read()).done) return true;
+      })(),
+      new Promise((resolve) => setTimeout(() => resolve(false), 5000)),
+    ]);
+    expect(ended).toBe(true);
+  });
+});
+
+describe("sign-in throttling", () => {
+  it("locks an account after 5 failures: 429 with Retry-After, even for the right password, and audits the lockout", async () => {
+    const u = await createUser("viewer", "throttled");
+    for (let i = 0; i < 5; i++) expect((await login(u.email, "wrong password", `198.51.100.${10 + i}`)).status).toBe(401);
+    const locked = await login(u.email, TEST_PASSWORD, "198.51.100.20");
+    expect(locked.status).toBe(429);
+    expect(Number(locked.headers.get("retry-after"))).toBeGreaterThan(0);
+    expect(locked.body.error.code).toBe("too_many_attempts");
+    const { rows } = await owner().query("select details from snapbase.audit_log where action = 'sign_in_locked' and details->>'email' = $1", [u.email]);
+    expect(rows).toHaveLength(1);
+    expect(rows[0].details).toMatchObject({ scope: "account", failures: 5 });
+    // Another account is not affected.
+    expect((await login(viewer.email, TEST_PASSWORD, "198.51.100.21")).status).toBe(200);
+  });
+
+  it("locks a client address after 20 failures across accounts", async () => {
+    const from = "203.0.113.7";
+    for (let i = 0; i < 20; i++) {
+      expect((await login(`nobody-${i}-${Date.now()}@example.com`, "wrong password", from)).status).toBe(401);
+    }
+    const locked = await login(viewer.email, TEST_PASSWORD, from);
+    expect(locked.status).toBe(429);
+    expect(Number(locked.headers.get("retry-after"))).toBeGreaterThan(0);
+    // The same account from elsewhere still signs in.
+    expect((await login(viewer.email, TEST_PASSWORD, "203.0.113.8")).status).toBe(200);
+    const { rows } = await owner().query("select details from snapbase.audit_log where action = 'sign_in_locked' and details->>'address' = $1", [from]);
+    expect(rows[0].details).toMatchObject({ scope: "address", failures: 20 });
+  });
+
+  it("counts every aliased authenticate of one GraphQL request, answering HTTP 429", async () => {
+    const u = await createUser("viewer", "aliases");
+    const fields = Array.from({ length: 8 }, (_, i) => `a${i}: authenticate(input: { email: $email, password: "wrong ${i}" }) { result }`).join("\n");
+    const res = await graphql(server.url, `mutation($email: String!) { ${fields} }`, { email: u.email }, undefined, { "x-forwarded-for": "198.51.100.50" });
+    const codes = res.body.errors!.map((e) => e.extensions?.code);
+    expect(codes.slice(0, 5)).toEqual(Array(5).fill("28P01"));
+    expect(codes.slice(5)).toEqual(Array(3).fill("too_many_attempts"));
+    expect(res.status).toBe(429);
+    expect(Number(res.headers.get("retry-after"))).toBeGreaterThan(0);
+    const right = await graphql(server.url, `mutation($email: String!) { authenticate(input: { email: $email, password: "${TEST_PASSWORD}" }) { result } }`,
+      { email: u.email }, undefined, { "x-forwarded-for": "198.51.100.51" });
+    expect(right.body.errors?.[0]?.extensions?.code).toBe("too_many_attempts");
+  });
+});
+
+describe("hostile sign-in input", () => {
+  it("SQL in the email, a huge password and a forged forwarding header are plain data", async () => {
+    const sql = await login("x'); delete from snapbase.users; --@example.com", "' or '1'='1", "198.51.100.90");
+    expect(sql.status).toBe(401);
+    expect((await owner().query("select count(*)::int as n from snapbase.users where id = $1", [viewer.id])).rows[0].n).toBe(1);
+    const huge = await login(viewer.email, "p".repeat(100_000), "198.51.100.91");
+    expect(huge.status).toBe(401);
+    // Not an address: the failure is counted against the proxy that forwarded it.
+    const forged = await login(`forged-${Date.now()}@example.com`, "wrong password", "'; drop table x; --");
+    expect(forged.status).toBe(401);
+    const { rows } = await owner().query("select key from snapbase_private.login_throttle where scope = 'address' and key like '%drop%'");
+    expect(rows).toEqual([]);
+    const gql = await graphql(server.url, `mutation { authenticate(input: { email: null, password: "x" }) { result } }`);
+    expect(gql.body.errors?.[0]?.extensions?.code).toBe("invalid_body");
+  });
+});
+
+describe("the JWT secret is out of reach of requests", () => {
+  it("GraphQL authenticate and REST login return a JWT the server signed; psql gets the session's claims", async () => {
+    const gql = await graphql(server.url, `mutation($e: String!, $p: String!) { authenticate(input: { email: $e, password: $p }) { result } }`, { e: viewer.email, p: TEST_PASSWORD });
+    const claims = jwt.verify(gql.body.data.authenticate.result, db.jwtSecret, { audience: "snapbase" }) as jwt.JwtPayload;
+    expect(claims).toMatchObject({ user_id: Number(viewer.id), role: "viewer", typ: "session" });
+    expect(typeof claims.sid).toBe("string");
+    const { rows } = await owner().query("select * from snapbase.authenticate($1, $2)", [viewer.email, TEST_PASSWORD]);
+    expect(rows[0]).toMatchObject({ user_id: viewer.id, email: viewer.email, role: "viewer", kind: "session" });
+    expect(rows[0].session_id).toBeTruthy();
+  });
+
+  it("is in no table, view, setting or function source of the database, and no request role reads a setting holding it", async () => {
+    const root = new pg.Client({ connectionString: withUrlParts(db.rootUrl, { database: databaseName(db.ownerUrl) }) });
+    await root.connect();
+    try {
+      const relations = await root.query(`select format('%I.%I', n.nspname, c.relname) as name from pg_class c join pg_namespace n on n.oid = c.relnamespace
+        where c.relkind in ('r', 'v', 'm', 'p') and n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg_toast%'`);
+      const holding: string[] = [];
+      for (const { name } of relations.rows) {
+        const { rows } = await root.query(`select count(*)::int as n from ${name} t where strpos(t::text, $1) > 0`, [db.jwtSecret]);
+        if (rows[0].n > 0) holding.push(name);
+      }
+      expect(holding).toEqual([]);
+      const functions = await root.query("select p.oid::regprocedure::text as f from pg_proc p where strpos(p.prosrc, $1) > 0 or p.prosrc ~* 'jwt_secret'", [db.jwtSecret]);
+      expect(functions.rows).toEqual([]);
+      const settings = await root.query("select count(*)::int as n from pg_db_role_setting s where strpos(array_to_string(s.setconfig, ','), $1) > 0", [db.jwtSecret]);
+      expect(settings.rows[0].n).toBe(0);
+    } finally {
+      await root.end();
+    }
+    for (const role of ["anonymous", "viewer", "editor", "admin", "agent"] as const) {
+      const leaked = await asActor({ role, userId: admin.id, email: admin.email }, (c) =>
+        c.query("select name from pg_settings where strpos(coalesce(setting, ''), $1) > 0", [db.jwtSecret]));
+      expect(leaked.rows).toEqual([]);
+    }
+    // The server signs; nothing in the database can.
+    const signers = await owner().query("select count(*)::int as n from pg_proc where proname in ('sign_jwt', 'set_jwt_secret') and pronamespace = 'snapbase_private'::regnamespace");
+    expect(signers.rows[0].n).toBe(0);
   });
 });

@@ -3,7 +3,7 @@
 import path from "node:path";
 import pg from "pg";
 import type { TestProject } from "vitest/node";
-import { roleNames, type RoleNames } from "../src/config.ts";
+import { loadConfig, roleNames, type RoleNames } from "../src/config.ts";
 import { bootstrapCluster } from "../src/db/bootstrap.ts";
 import { applyDatabaseSettings } from "../src/db/database.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "../src/db/embedded.ts";
@@ -60,10 +60,11 @@ export default async function setup(project: TestProject) {
   const authenticatorUrl = withUrlParts(serverUrl, { user: roles.authenticator, password: AUTHENTICATOR_PASSWORD, database });
   await runMigrations({ ownerUrl, roles, rootUrl }, { includeCurrent: true });
   const jwtSecret = "test-secret-that-is-at-least-32-characters-long";
+  // The login policy is the default one, as `npm start` in lifecycle.test.ts writes it.
   await applyDatabaseSettings(ownerUrl, {
-    jwtSecret,
     jwtTtl: "1 hour",
     allowSelfApproval: false,
+    login: loadConfig({}).login,
     environment: "test",
     connectorHosts: [],
     credentialsKey: TEST_CREDENTIALS_KEY,

@@ -3,7 +3,8 @@
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
-import { startServer, type RunningServer } from "../src/server/app.ts";
+import { signClaims } from "../src/auth/tokens.ts";
+import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
 
@@ -85,13 +86,16 @@ export async function createUser(role: TestUser["role"], label: string = role): 
 
 export const actorOf = (u: TestUser): Actor => ({ role: u.role, userId: u.id, email: u.email });
 
-/** Signs in through SQL (the same function REST and GraphQL use) and returns the JWT. */
+/** Signs in through SQL (snapbase.authenticate opens a session and returns its
+ *  claims) and signs the JWT as the server would. */
 export async function tokenFor(u: TestUser): Promise<string> {
-  const { rows } = await owner().query("select snapbase.authenticate($1, $2) as token", [u.email, TEST_PASSWORD]);
-  return rows[0].token;
+  const { rows } = await owner().query("select to_jsonb(c) as claims from snapbase.authenticate($1, $2) c", [u.email, TEST_PASSWORD]);
+  return signClaims(rows[0].claims, db.jwtSecret);
 }
 
-export async function startTestServer(opts: { statementTimeoutMs?: number } = {}): Promise<RunningServer> {
+export async function startTestServer(
+  opts: { statementTimeoutMs?: number } & Partial<Pick<ServerOptions, "http">> = {},
+): Promise<RunningServer> {
   return startServer({
     ownerUrl: db.ownerUrl,
     authenticatorUrl: db.authenticatorUrl,
@@ -101,21 +105,23 @@ export async function startTestServer(opts: { statementTimeoutMs?: number } = {}
     port: 0,
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
+    http: opts.http,
   });
 }
 
 export interface HttpResult<T = any> {
   status: number;
   body: T;
+  headers: Headers;
 }
 
 export async function http<T = any>(
   base: string,
   method: string,
   path: string,
-  opts: { token?: string; body?: unknown; rawBody?: string } = {},
+  opts: { token?: string; body?: unknown; rawBody?: string; headers?: Record<string, string> } = {},
 ): Promise<HttpResult<T>> {
-  const headers: Record<string, string> = {};
+  const headers: Record<string, string> = { ...opts.headers };
   if (opts.token) headers.authorization = `Bearer ${opts.token}`;
   if (opts.body !== undefined || opts.rawBody !== undefined) headers["content-type"] = "application/json";
   const res = await fetch(base + path, {
@@ -130,7 +136,7 @@ export async function http<T = any>(
   } catch {
     /* not JSON: keep the text */
   }
-  return { status: res.status, body };
+  return { status: res.status, body, headers: res.headers };
 }
 
 export async function graphql<T = any>(
@@ -138,8 +144,9 @@ export async function graphql<T = any>(
   query: string,
   variables: Record<string, unknown> = {},
   token?: string,
+  headers?: Record<string, string>,
 ): Promise<HttpResult<{ data?: T; errors?: { message: string; extensions?: { code?: string } }[] }>> {
-  return http(base, "POST", "/graphql", { token, body: { query, variables } });
+  return http(base, "POST", "/graphql", { token, body: { query, variables }, headers });
 }
 
 /** The SQLSTATE of the error fn throws (fails the test if it does not throw). */

@@ -214,7 +214,7 @@ describe("server-sent events", () => {
     const bobs = await fetch(`${server.url}/api/v1/workbooks/${wb}/events`, { headers: { authorization: `Bearer ${tokens.bob}` } });
     expect(bobs.status).toBe(404);
     const nobody = await fetch(`${server.url}/api/v1/changes/events`);
-    expect(nobody.status).toBe(403);
+    expect(nobody.status).toBe(401);
     const bad = await fetch(`${server.url}/api/v1/changes/events?access_token=nonsense`);
     expect(bad.status).toBe(401);
   });

@@ -1,39 +1,47 @@
 // Turns an Authorization header into the Postgres settings for one transaction:
-// the role to SET and the jwt.claims.* values the SQL layer reads.
+// the role to SET and the jwt.claims.* values the SQL layer reads. Every token is
+// resolved against the database (one query): a JWT's session must still be open
+// and its user present and enabled, and the role is the user's current one.
 import jwt from "jsonwebtoken";
 import type pg from "pg";
 import type { RoleNames } from "../config.ts";
 import { HttpError } from "../server/errors.ts";
+import { JWT_AUDIENCE } from "./tokens.ts";
 
 export type PgSettings = Record<string, string>;
 
 export interface AuthDeps {
   jwtSecret: string;
   roles: RoleNames;
-  /** Authenticator pool, used to look up API tokens. */
+  /** Authenticator pool, used to resolve sessions and API tokens. */
   pool: pg.Pool;
   /** Bounds every statement of an API request (user filters included); 0 or unset: none. */
   statementTimeoutMs?: number;
+}
+
+export interface AuthContext {
+  /** Stream tokens are accepted only by the event streams (GET …/events). */
+  allowStreamToken?: boolean;
 }
 
 const userRoles = new Set(["viewer", "editor", "admin"]);
 
 export const API_TOKEN_PREFIX = "sbt_";
 
-export async function settingsForAuthorization(header: string | undefined, deps: AuthDeps): Promise<PgSettings> {
+export async function settingsForAuthorization(header: string | undefined, deps: AuthDeps, ctx: AuthContext = {}): Promise<PgSettings> {
   const timeout: PgSettings = deps.statementTimeoutMs ? { statement_timeout: String(deps.statementTimeoutMs) } : {};
   if (header === undefined || header === "") return { role: deps.roles.anonymous, ...timeout };
   const match = /^Bearer\s+(\S+)$/i.exec(header.trim());
   if (!match) throw new HttpError(401, "invalid_authorization", "the Authorization header must be 'Bearer <token>'");
   const token = match[1]!;
-  const settings = token.startsWith(API_TOKEN_PREFIX) ? await settingsForApiToken(token, deps) : settingsForJwt(token, deps);
+  const settings = token.startsWith(API_TOKEN_PREFIX) ? await settingsForApiToken(token, deps) : await settingsForJwt(token, deps, ctx);
   return { ...settings, ...timeout };
 }
 
-function settingsForJwt(token: string, deps: AuthDeps): PgSettings {
+async function settingsForJwt(token: string, deps: AuthDeps, ctx: AuthContext): Promise<PgSettings> {
   let claims: jwt.JwtPayload;
   try {
-    const decoded = jwt.verify(token, deps.jwtSecret, { algorithms: ["HS256"], audience: "snapbase" });
+    const decoded = jwt.verify(token, deps.jwtSecret, { algorithms: ["HS256"], audience: JWT_AUDIENCE });
     if (typeof decoded === "string") throw new Error("payload is not an object");
     claims = decoded;
   } catch (error) {
@@ -42,15 +50,29 @@ function settingsForJwt(token: string, deps: AuthDeps): PgSettings {
     }
     throw new HttpError(401, "invalid_token", "the token is not valid (bad signature, audience or format)");
   }
-  const role = String(claims.role ?? "");
-  if (!userRoles.has(role) || claims.user_id === undefined) {
-    throw new HttpError(401, "invalid_token", "the token does not carry a Snapbase user and role");
+  const sessionId = typeof claims.sid === "string" && /^\d{1,18}$/.test(claims.sid) ? claims.sid : undefined;
+  const userId = Number.isSafeInteger(claims.user_id) ? String(claims.user_id) : undefined;
+  const kind = claims.typ;
+  if (!sessionId || !userId || (kind !== "session" && kind !== "stream")) {
+    throw new HttpError(401, "invalid_token", "the token does not name a Snapbase session; sign in again");
+  }
+  if (kind === "stream" && !ctx.allowStreamToken) {
+    throw new HttpError(401, "stream_token_not_allowed",
+      "a stream token is accepted only by the event streams (GET …/events); use the token from sign-in or an API token");
+  }
+  const { rows } = await deps.pool.query<{ email: string; role: string }>(
+    "select email, role from snapbase_private.resolve_session($1, $2)", [sessionId, userId]);
+  const current = rows[0];
+  if (!current || !userRoles.has(current.role)) {
+    throw new HttpError(401, "session_ended",
+      "the session has ended (signed out, revoked or expired, or the user was disabled or deleted); sign in again");
   }
   return {
-    role: deps.roles[role as "viewer" | "editor" | "admin"],
-    "jwt.claims.user_id": String(claims.user_id),
-    "jwt.claims.email": String(claims.email ?? ""),
-    "jwt.claims.role": role,
+    role: deps.roles[current.role as "viewer" | "editor" | "admin"],
+    "jwt.claims.user_id": userId,
+    "jwt.claims.email": current.email,
+    "jwt.claims.role": current.role,
+    "jwt.claims.session_id": sessionId,
   };
 }
 
@@ -64,7 +86,7 @@ async function settingsForApiToken(token: string, deps: AuthDeps): Promise<PgSet
     workbook_id: string | null;
   }>("select * from snapbase_private.resolve_api_token($1)", [token]);
   const t = rows[0];
-  if (!t) throw new HttpError(401, "invalid_token", "the API token is unknown, expired or revoked");
+  if (!t) throw new HttpError(401, "invalid_token", "the API token is unknown, expired or revoked, or its user is disabled");
   const settings: PgSettings = {
     role: deps.roles[t.role],
     "jwt.claims.user_id": String(t.user_id),

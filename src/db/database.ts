@@ -1,8 +1,9 @@
 // Turns the config into ready connections: starts the embedded server when no
 // DATABASE_URL is given, creates roles and database when it can, migrates, and
-// hands the JWT secret to the database (it signs tokens in snapbase.authenticate).
+// writes the settings the SQL layer reads (never a secret: the server alone signs
+// and verifies JWTs).
 import pg from "pg";
-import { ConfigError, type Config, roleNames } from "../config.ts";
+import { ConfigError, type Config, type LoginPolicy, roleNames } from "../config.ts";
 import { log } from "../log.ts";
 import { ensureCredentialKeys } from "../connectors/credential-keys.ts";
 import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
@@ -92,9 +93,9 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
       log.info("migrations applied", { database: databaseName(ownerUrl) });
     }
     await applyDatabaseSettings(ownerUrl, {
-      jwtSecret,
       jwtTtl: config.jwtTtl,
       allowSelfApproval: config.allowSelfApproval,
+      login: config.login,
       environment: config.env,
       connectorHosts: config.connectorHosts,
       credentialsKey,
@@ -146,14 +147,15 @@ async function refuseSuperuserOwner(ownerUrl: string, config: Config): Promise<v
   log.warn("the database owner is a superuser (allowed outside production only)", { hint: howTo });
 }
 
-/** Settings the SQL layer reads: the JWT secret and TTL, and policy switches. Also
- *  makes sure the credentials key pair exists (see connectors/credential-keys.ts). */
+/** Settings the SQL layer reads: session lifetime, sign-in throttling, policy
+ *  switches and connector rules. No secret: the JWT secret stays in the server's
+ *  memory. Also makes sure the credentials key pair exists (connectors/credential-keys.ts). */
 export async function applyDatabaseSettings(
   ownerUrl: string,
   s: {
-    jwtSecret: string;
     jwtTtl: string;
     allowSelfApproval: boolean;
+    login: LoginPolicy;
     environment: string;
     /** SNAPBASE_CONNECTOR_HOSTS; empty: the default for the environment. */
     connectorHosts: string[];
@@ -168,8 +170,9 @@ export async function applyDatabaseSettings(
        select * from unnest($1::text[], $2::text[])
        on conflict (key) do update set value = excluded.value`,
       [
-        ["jwt_secret", "jwt_ttl", "allow_self_approval", "environment", "connector_hosts"],
-        [s.jwtSecret, s.jwtTtl, String(s.allowSelfApproval), s.environment, JSON.stringify(s.connectorHosts)],
+        ["jwt_ttl", "allow_self_approval", "login_max_failures", "login_max_failures_per_address", "login_lockout", "environment", "connector_hosts"],
+        [s.jwtTtl, String(s.allowSelfApproval), String(s.login.maxFailures), String(s.login.maxFailuresPerAddress), s.login.lockout,
+         s.environment, JSON.stringify(s.connectorHosts)],
       ],
     );
     await ensureCredentialKeys(client, s.credentialsKey);

@@ -1,11 +1,11 @@
-// REST sign-in: a thin wrapper over snapbase.authenticate().
+// REST sign-in: the same throttled sign-in as GraphQL's `authenticate`.
+import type { IncomingMessage } from "node:http";
 import { Router } from "express";
 import type pg from "pg";
-import type { RoleNames } from "../config.ts";
-import { withUserTransaction } from "../db/request-client.ts";
+import { signIn } from "../auth/sign-in.ts";
 import { HttpError } from "../server/errors.ts";
 
-export function authRoutes(deps: { pool: pg.Pool; roles: RoleNames }): Router {
+export function authRoutes(deps: { pool: pg.Pool; jwtSecret: string; clientAddress: (req: IncomingMessage) => string | undefined }): Router {
   const router = Router();
   router.post("/auth/login", async (req, res) => {
     const body = req.body as unknown;
@@ -14,11 +14,7 @@ export function authRoutes(deps: { pool: pg.Pool; roles: RoleNames }): Router {
     if (typeof email !== "string" || typeof password !== "string" || email === "" || password === "") {
       throw new HttpError(400, "invalid_body", 'send a JSON body {"email": "...", "password": "..."}');
     }
-    const token = await withUserTransaction(deps.pool, { role: deps.roles.anonymous }, async (client) => {
-      const { rows } = await client.query<{ token: string }>("select snapbase.authenticate($1, $2) as token", [email, password]);
-      return rows[0]!.token;
-    });
-    res.json({ token });
+    res.json({ token: await signIn(deps, email, password, deps.clientAddress(req)) });
   });
   return router;
 }

@@ -9,6 +9,7 @@
 // A comment line every HEARTBEAT_MS keeps proxies from closing an idle stream.
 import { Router, type Request, type Response } from "express";
 import type pg from "pg";
+import type { PgSettings } from "../auth/verify.ts";
 import { settingsIdentity, withUserTransaction } from "../db/request-client.ts";
 import type { EventHub } from "../realtime/hub.ts";
 import { HttpError } from "../server/errors.ts";
@@ -75,7 +76,13 @@ class Feed {
   }
 }
 
-export function eventRoutes(deps: { pool: pg.Pool; hub: EventHub; heartbeatMs?: number }): Router {
+export function eventRoutes(deps: {
+  pool: pg.Pool;
+  hub: EventHub;
+  heartbeatMs?: number;
+  /** Resolves the request's token again (the session may have ended or the role changed since the stream opened). */
+  reauthorize?: (req: Request) => Promise<PgSettings>;
+}): Router {
   const router = Router();
 
   const feeds = new Map<string, Feed>();
@@ -85,6 +92,14 @@ export function eventRoutes(deps: { pool: pg.Pool; hub: EventHub; heartbeatMs?: 
     const fetchAfter = (after: number) =>
       withUserTransaction(deps.pool, settings, async (c) =>
         (await c.query<{ e: Event }>("select e from snapbase.visible_events($1, $2) e", [topic, after])).rows.map((r) => r.e));
+    // Before each catch-up of an open stream: the same identity, or the streams end
+    // (a signed-out, revoked, demoted or disabled user reconnects as who they are now).
+    const fetchFollowing = async (after: number) => {
+      if (deps.reauthorize && settingsIdentity(await deps.reauthorize(req)) !== settingsIdentity(settings)) {
+        throw new Error("the stream's identity changed");
+      }
+      return fetchAfter(after);
+    };
     const stream = new Stream(res, lastEventId(req));
     // Access is checked before the stream opens, so refusals are ordinary HTTP errors.
     const backlog = await fetchAfter(stream.sent);
@@ -96,7 +111,7 @@ export function eventRoutes(deps: { pool: pg.Pool; hub: EventHub; heartbeatMs?: 
     const key = `${topic}\n${settingsIdentity(settings)}`;
     let feed = feeds.get(key);
     if (!feed) {
-      const created = new Feed(fetchAfter);
+      const created = new Feed(fetchFollowing);
       created.following = deps.hub.follow(topic, () => void created.catchUp());
       feeds.set(key, (feed = created));
     }

@@ -1,13 +1,17 @@
 // The HTTP server: health checks, the REST layer, and PostGraphile (GraphQL over HTTP
 // and WebSocket) on one Express 5 app.
+import cors from "cors";
 import express, { type NextFunction, type Request, type Response } from "express";
-import { createServer, type Server } from "node:http";
-import type { AddressInfo } from "node:net";
+import helmet from "helmet";
+import { randomBytes } from "node:crypto";
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
+import { isIP, type AddressInfo } from "node:net";
 import pg from "pg";
 import { postgraphile } from "postgraphile";
 import { grafserv } from "postgraphile/grafserv/express/v4";
+import { ThrottledError } from "../auth/sign-in.ts";
 import { settingsForAuthorization, type AuthDeps, type PgSettings } from "../auth/verify.ts";
-import type { RoleNames } from "../config.ts";
+import { developmentHttpOptions, type HttpOptions, type RoleNames } from "../config.ts";
 import { migrationsAreCurrent } from "../db/migrate.ts";
 import { log } from "../log.ts";
 import { authRoutes } from "../rest/auth.ts";
@@ -18,7 +22,7 @@ import { exportRoutes } from "../rest/exports.ts";
 import { importRoutes } from "../rest/imports.ts";
 import { EventHub } from "../realtime/hub.ts";
 import { HttpError, toClientError } from "./errors.ts";
-import { httpPgSettings, makePreset } from "./graphql.ts";
+import { cspNonces, httpPgSettings, makePreset, throttledRequests } from "./graphql.ts";
 
 export interface ServerOptions {
   ownerUrl: string;
@@ -29,6 +33,8 @@ export interface ServerOptions {
   port: number;
   statementTimeoutMs?: number;
   credentialsKey?: string;
+  /** GraphiQL, introspection, suggestions, GraphQL limits, CORS, proxies; unset: development defaults. */
+  http?: Partial<HttpOptions>;
 }
 
 export interface RunningServer {
@@ -57,21 +63,102 @@ function requestLog(req: Request, res: Response, next: NextFunction): void {
 }
 
 // EventSource cannot send headers: event streams also take ?access_token=
-// (a five-minute token from create_stream_token, or an API token).
+// (a five-minute token from createStreamToken, or an API token).
+const isEventStream = (req: Request): boolean => req.method === "GET" && /\/events$/.test(req.path);
+
 function authorizationOf(req: Request): string | undefined {
   if (req.headers.authorization) return req.headers.authorization;
   const token = req.query.access_token;
-  if (req.method === "GET" && req.path.endsWith("/events") && typeof token === "string") return `Bearer ${token}`;
+  if (isEventStream(req) && typeof token === "string") return `Bearer ${token}`;
   return undefined;
 }
 
 function authenticate(auth: AuthDeps) {
   return async (req: Request, _res: Response, next: NextFunction) => {
-    const settings = await settingsForAuthorization(authorizationOf(req), auth);
+    // Stream tokens only open event streams (under /api/v1; GraphQL never takes them).
+    const settings = await settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: req.baseUrl === "/api/v1" && isEventStream(req) });
     req.pgSettings = settings;
     httpPgSettings.set(req, settings);
     next();
   };
+}
+
+/** REST needs a signed-in caller, except to sign in and to follow a share link. */
+function requireSignIn(roles: RoleNames) {
+  return (req: Request, _res: Response, next: NextFunction) => {
+    const open = (req.method === "POST" && req.path === "/auth/login") || (req.method === "GET" && req.path.startsWith("/share/"));
+    if (!open && req.pgSettings?.role === roles.anonymous) {
+      next(new HttpError(401, "authentication_required", "sign in first: send 'Authorization: Bearer <token>' (from POST /api/v1/auth/login, or an API token)"));
+      return;
+    }
+    next();
+  };
+}
+
+/** The client address behind the proxies `trust proxy` believes, as Express's req.ip
+ *  computes it; also for WebSocket upgrade requests, which Express never sees. */
+function clientAddressFn(app: express.Express) {
+  return (req: IncomingMessage): string | undefined => {
+    const ip = (req as Request).ip;
+    // A forwarded value that is not an address (only a trusted proxy's can reach
+    // here) counts as the proxy itself, so throttling never loses the address.
+    if (ip !== undefined) return isIP(ip) ? ip : req.socket.remoteAddress;
+    const trust = app.get("trust proxy fn") as (address: string, hop: number) => boolean;
+    const forwarded = String(req.headers["x-forwarded-for"] ?? "").split(",").map((a) => a.trim()).filter((a) => a !== "").reverse();
+    const chain = [req.socket.remoteAddress ?? "", ...forwarded];
+    let hop = 0;
+    while (hop < chain.length - 1 && trust(chain[hop]!, hop)) hop++;
+    return isIP(chain[hop]!) ? chain[hop] : req.socket.remoteAddress;
+  };
+}
+
+/** A throttled GraphQL sign-in answers 429 with Retry-After, like REST (grafserv
+ *  would answer 200 with the error in the body). */
+function throttledGraphqlStatus(req: Request, res: Response, next: NextFunction): void {
+  const writeHead = res.writeHead;
+  res.writeHead = function (this: ServerResponse, status: number, ...rest: unknown[]) {
+    const wait = throttledRequests.get(req);
+    if (wait !== undefined && status < 300) {
+      this.setHeader("Retry-After", String(wait));
+      return (writeHead as (...args: unknown[]) => ServerResponse).call(this, 429, ...rest);
+    }
+    return (writeHead as (...args: unknown[]) => ServerResponse).call(this, status, ...rest);
+  } as typeof res.writeHead;
+  next();
+}
+
+/** Security headers (helmet). The CSP allows this origin only; inline scripts need
+ *  the page's nonce, which the GraphiQL page (Ruru) puts on its own; Ruru and its
+ *  Monaco editor style elements inline and start workers from this origin. */
+function securityHeaders() {
+  const nonce = (_req: IncomingMessage, res: ServerResponse) => `'nonce-${(res as Response).locals.cspNonce}'`;
+  return [
+    (req: Request, res: Response, next: NextFunction) => {
+      res.locals.cspNonce = randomBytes(16).toString("base64");
+      cspNonces.set(req, res.locals.cspNonce as string);
+      next();
+    },
+    helmet({
+      contentSecurityPolicy: {
+        useDefaults: true,
+        directives: {
+          "default-src": ["'self'"],
+          "script-src": ["'self'", nonce],
+          "style-src": ["'self'", "'unsafe-inline'"],
+          "img-src": ["'self'", "data:"],
+          "font-src": ["'self'", "data:"],
+          "worker-src": ["'self'", "blob:"],
+          "connect-src": ["'self'"],
+          "frame-ancestors": ["'none'"],
+          "form-action": ["'self'"],
+          // Development serves plain http on 127.0.0.1; TLS ends at the proxy in production.
+          "upgrade-insecure-requests": null,
+        },
+      },
+      frameguard: { action: "deny" },
+      referrerPolicy: { policy: "no-referrer" },
+    }),
+  ];
 }
 
 function errorHandler(error: unknown, req: Request, res: Response, _next: NextFunction): void {
@@ -86,6 +173,8 @@ function errorHandler(error: unknown, req: Request, res: Response, _next: NextFu
     res.destroy();
     return;
   }
+  if (error instanceof ThrottledError) res.set("Retry-After", String(error.retryAfter));
+  if (status === 401) res.set("WWW-Authenticate", `Bearer realm="snapbase"`);
   // GraphQL clients expect the GraphQL error shape, even for auth failures.
   if (req.originalUrl.startsWith("/graphql")) res.status(status).json({ errors: [{ message, extensions: { code } }] });
   else res.status(status).json({ error: { code, message } });
@@ -97,12 +186,25 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   authPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
   ownerPool.on("error", (e) => log.warn("idle owner connection failed", { error: e.message }));
   const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs };
+  const http: HttpOptions = { ...developmentHttpOptions, ...opts.http };
 
   const hub = new EventHub(opts.authenticatorUrl);
 
   const app = express();
   app.disable("x-powered-by");
+  app.set("trust proxy", http.trustProxy);
+  const clientAddress = clientAddressFn(app);
   app.use(requestLog);
+  app.use(securityHeaders());
+  if (http.corsOrigins.length > 0) {
+    app.use(cors({
+      origin: http.corsOrigins.includes("*") ? "*" : http.corsOrigins,
+      methods: ["GET", "POST", "OPTIONS"],
+      allowedHeaders: ["authorization", "content-type", "last-event-id"],
+      exposedHeaders: ["retry-after"],
+      maxAge: 600,
+    }));
+  }
 
   app.get("/healthz", (_req, res) => {
     res.json({ status: "ok" });
@@ -129,8 +231,9 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const api = express.Router();
   api.use(express.json({ limit: "10mb" }));
   api.use(authenticate(auth));
-  api.use(authRoutes({ pool: authPool, roles: opts.roles }));
-  api.use(eventRoutes({ pool: authPool, hub }));
+  api.use(requireSignIn(opts.roles));
+  api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret, clientAddress }));
+  api.use(eventRoutes({ pool: authPool, hub, reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }) }));
   api.use(exportRoutes({ pool: authPool }));
   api.use(importRoutes({ pool: authPool }));
   api.use(changeRoutes({ pool: authPool }));
@@ -138,13 +241,14 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
-  app.use("/graphql", authenticate(auth));
+  app.use("/graphql", authenticate(auth), throttledGraphqlStatus);
 
   const httpServer = createServer(app);
-  const preset = makePreset({ pool: authPool, auth });
+  const preset = makePreset({ pool: authPool, auth, http, clientAddress });
   const pgl = postgraphile(preset);
   const serv = pgl.createServ(grafserv);
   await serv.addTo(app, httpServer);
+  app.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use(errorHandler);
 
   await new Promise<void>((resolve, reject) => {

@@ -5,57 +5,108 @@ import type pg from "pg";
 import { makePgService } from "postgraphile/adaptors/pg";
 import { GraphQLError } from "postgraphile/graphql";
 import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
+import { signIn, ThrottledError } from "../auth/sign-in.ts";
 import { settingsForAuthorization, type AuthDeps, type PgSettings } from "../auth/verify.ts";
+import { developmentHttpOptions, type HttpOptions } from "../config.ts";
 import { log } from "../log.ts";
+import { makeAuthPlugin } from "./auth-plugin.ts";
 import { toClientError } from "./errors.ts";
+import { makeHardeningPlugin, stripSuggestions } from "./graphql-hardening.ts";
 import { RealtimePlugin } from "./realtime-plugin.ts";
 
 /** Settings resolved by the HTTP auth middleware before grafserv sees the request. */
 export const httpPgSettings = new WeakMap<IncomingMessage, PgSettings>();
+/** Requests whose sign-in was refused as throttled: answered with 429 and Retry-After. */
+export const throttledRequests = new WeakMap<IncomingMessage, number>();
+/** The Content-Security-Policy nonce of each HTTP request (set by the security headers). */
+export const cspNonces = new WeakMap<IncomingMessage, string>();
 
-function maskError(error: GraphQLError): GraphQLError {
-  const original = error.originalError;
-  if (!original || original instanceof GraphQLError) return error;
-  const client = toClientError(original);
-  if (client) {
-    return new GraphQLError(client.message, {
+/** Ruru's inline scripts carry the page's CSP nonce, so its policy needs no 'unsafe-inline'. */
+const RuruNoncePlugin: GraphileConfig.Plugin = {
+  name: "SnapbaseRuruNoncePlugin",
+  version: "1.0.0",
+  grafserv: {
+    middleware: {
+      async ruruHTML(next, event) {
+        const html = await next();
+        const req = event.request.requestContext?.node?.req;
+        const nonce = req ? cspNonces.get(req) : undefined;
+        return nonce ? html.replace(/<script\b/g, `<script nonce="${nonce}"`) : html;
+      },
+    },
+  },
+};
+
+function makeMaskError(http: HttpOptions) {
+  const trim = (error: GraphQLError): GraphQLError =>
+    http.suggestions || !/Did you mean/.test(error.message)
+      ? error
+      : new GraphQLError(stripSuggestions(error.message), { nodes: error.nodes, source: error.source, positions: error.positions, path: error.path, extensions: error.extensions });
+  return function maskError(error: GraphQLError): GraphQLError {
+    const original = error.originalError;
+    if (!original || original instanceof GraphQLError) return trim(error);
+    const client = toClientError(original);
+    if (client) {
+      return new GraphQLError(client.message, {
+        nodes: error.nodes,
+        source: error.source,
+        positions: error.positions,
+        path: error.path,
+        extensions: { code: client.code, ...(original instanceof ThrottledError ? { retryAfter: original.retryAfter } : {}) },
+      });
+    }
+    log.error("unexpected GraphQL error", { message: String(original.message ?? original), path: error.path });
+    return new GraphQLError("internal error", {
       nodes: error.nodes,
-      source: error.source,
-      positions: error.positions,
       path: error.path,
-      extensions: { code: client.code },
+      extensions: { code: "internal_error" },
     });
-  }
-  log.error("unexpected GraphQL error", { message: String(original.message ?? original), path: error.path });
-  return new GraphQLError("internal error", {
-    nodes: error.nodes,
-    path: error.path,
-    extensions: { code: "internal_error" },
-  });
+  };
 }
 
-export function makePreset(opts: { pool: pg.Pool; auth: AuthDeps }): GraphileConfig.Preset {
+export function makePreset(opts: {
+  pool: pg.Pool;
+  auth: AuthDeps;
+  http?: HttpOptions;
+  /** The client's address (after `trust proxy`) of an HTTP request or WebSocket upgrade, for sign-in throttling. */
+  clientAddress?: (req: IncomingMessage) => string | undefined;
+}): GraphileConfig.Preset {
+  const http = opts.http ?? developmentHttpOptions;
+  const signInDeps = { pool: opts.pool, jwtSecret: opts.auth.jwtSecret };
+  const signInFrom = (req: IncomingMessage | undefined, address: string | undefined) => async (email: unknown, password: unknown) => {
+    try {
+      return await signIn(signInDeps, email, password, address);
+    } catch (error) {
+      if (error instanceof ThrottledError && req) throttledRequests.set(req, Math.max(error.retryAfter, throttledRequests.get(req) ?? 0));
+      throw error;
+    }
+  };
   return {
     extends: [PostGraphileAmberPreset],
-    plugins: [RealtimePlugin],
+    plugins: [RealtimePlugin, RuruNoncePlugin, makeAuthPlugin({ jwtSecret: opts.auth.jwtSecret }), makeHardeningPlugin({ http, anonymousRole: opts.auth.roles.anonymous })],
     pgServices: [makePgService({ pool: opts.pool, schemas: ["snapbase"], pubsub: true })],
     grafserv: {
       graphqlPath: "/graphql",
       graphiqlPath: "/graphiql",
-      graphiql: true,
+      graphiql: http.graphiql,
+      graphiqlOnGraphQLGET: http.graphiql,
       websockets: true,
-      maskError,
+      maskError: makeMaskError(http),
     },
     grafast: {
       explain: false,
       async context(requestContext) {
         const req = requestContext.node?.req;
         const fromHttp = req ? httpPgSettings.get(req) : undefined;
-        if (fromHttp) return { pgSettings: fromHttp };
+        if (req && fromHttp) return { pgSettings: fromHttp, signIn: signInFrom(req, opts.clientAddress?.(req)) };
         const ws = requestContext.ws;
         if (ws) {
           const header = ws.normalizedConnectionParams?.authorization;
-          return { pgSettings: await settingsForAuthorization(typeof header === "string" ? header : undefined, opts.auth) };
+          const upgrade = ws.request as IncomingMessage | undefined;
+          return {
+            pgSettings: await settingsForAuthorization(typeof header === "string" ? header : undefined, opts.auth),
+            signIn: signInFrom(undefined, upgrade ? opts.clientAddress?.(upgrade) : undefined),
+          };
         }
         return { pgSettings: { role: opts.auth.roles.anonymous } };
       },

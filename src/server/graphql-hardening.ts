@@ -1,0 +1,98 @@
+// Limits on what one GraphQL operation may ask for, and what production hides.
+// - Aliases, depth and estimated cost are checked while the document is validated,
+//   by GraphQL Armor's rules (maintained by Escape), so an oversized operation is
+//   refused with a clear, coded error before any planning or SQL. Grafast's own
+//   `maxPlanningDepth` is a last-resort guard that expects validation to do this.
+// - "Did you mean …?" suggestions: graphql-js' rules ask the validation context
+//   whether to hide them; errors after validation (variables) are trimmed in maskError.
+// - Introspection by anonymous requests is refused at execution time, because
+//   validation results are cached per document for every caller alike.
+import { costLimitRule } from "@escape.tech/graphql-armor-cost-limit";
+import { maxAliasesRule } from "@escape.tech/graphql-armor-max-aliases";
+import { maxDepthRule } from "@escape.tech/graphql-armor-max-depth";
+import { GraphQLError, Kind, visit, type ValidationContext, type ValidationRule } from "postgraphile/graphql";
+import type { HttpOptions } from "../config.ts";
+
+type Limits = HttpOptions["graphqlLimits"];
+
+/** Armor reports "… limit of N exceeded, found M."; the numbers make our message. */
+function limitError(code: string, describe: (limit: string, found: string) => string) {
+  return (context: ValidationContext | null, error: GraphQLError): void => {
+    if (!context) throw error;
+    const m = /of (\d+(?:\.\d+)?) exceeded, found (\d+(?:\.\d+)?)/.exec(error.message);
+    const found = m ? String(Math.round(Number(m[2]))) : "more";
+    context.reportError(new GraphQLError(describe(m?.[1] ?? "the limit", found), { extensions: { code } }));
+  };
+}
+
+export function limitRules(limits: Limits): ValidationRule[] {
+  const common = { exposeLimits: true, propagateOnRejection: false } as const;
+  return [
+    maxAliasesRule({
+      ...common,
+      n: limits.maxAliases,
+      onReject: [limitError("too_many_aliases", (n, found) => `at most ${n} aliases are allowed in one operation; found ${found}`)],
+    }) as unknown as ValidationRule,
+    maxDepthRule({
+      ...common,
+      n: limits.maxDepth,
+      onReject: [limitError("query_too_deep", (n, found) => `operations may have a depth of at most ${n}; found ${found}`)],
+    }) as unknown as ValidationRule,
+    costLimitRule({
+      ...common,
+      maxCost: limits.maxCost,
+      onReject: [limitError("query_too_costly", (n, found) =>
+        `the estimated cost of this operation is ${found}, above the limit of ${n}: ask for fewer items (first: …) or fewer nested lists`)],
+    }) as unknown as ValidationRule,
+  ];
+}
+
+/** The same rule, told by its context to leave "Did you mean …?" out of its errors. */
+export function withoutSuggestions(rule: ValidationRule): ValidationRule {
+  return (context) => rule(Object.create(context, { hideSuggestions: { value: true } }) as ValidationContext);
+}
+
+export const stripSuggestions = (message: string): string => message.replace(/\s*Did you mean [^?]*\?/g, "");
+
+export function usesIntrospection(document: import("postgraphile/graphql").DocumentNode): boolean {
+  let found = false;
+  visit(document, {
+    [Kind.FIELD](node) {
+      if (node.name.value === "__schema" || node.name.value === "__type") found = true;
+    },
+  });
+  return found;
+}
+
+export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: string }): GraphileConfig.Plugin {
+  const { http } = opts;
+  return {
+    name: "SnapbaseHardeningPlugin",
+    version: "1.0.0",
+    grafserv: {
+      middleware: {
+        setPreset(next, event) {
+          const rules = [...event.validationRules, ...limitRules(http.graphqlLimits)];
+          event.validationRules.splice(0, event.validationRules.length, ...(http.suggestions ? rules : rules.map(withoutSuggestions)));
+          return next();
+        },
+      },
+    },
+    grafast: {
+      middleware: {
+        execute(next, event) {
+          const { args } = event;
+          if (!http.publicIntrospection && (args.contextValue as Grafast.Context | undefined)?.pgSettings?.role === opts.anonymousRole &&
+            usesIntrospection(args.document)) {
+            return {
+              errors: [new GraphQLError("introspection needs a signed-in user here (GRAPHQL_PUBLIC_INTROSPECTION is off)", {
+                extensions: { code: "introspection_disabled" },
+              })],
+            };
+          }
+          return next();
+        },
+      },
+    },
+  };
+}
