@@ -17,6 +17,14 @@ function bodyOf(req: Request): Record<string, unknown> {
   return body as Record<string, unknown>;
 }
 
+/** A whole-number query parameter, or its default. */
+function intQuery(req: Request, name: string, fallback: number): number {
+  const raw = req.query[name];
+  if (raw === undefined) return fallback;
+  if (typeof raw !== "string" || !/^\d{1,9}$/.test(raw)) throw new HttpError(400, "invalid_query", `${name} must be a whole number`);
+  return Number(raw);
+}
+
 const snapshotSummary = `id, change_request_id, table_name, created_at, record_count`;
 
 export function changeRoutes(deps: { pool: pg.Pool }): Router {
@@ -94,6 +102,15 @@ export function changeRoutes(deps: { pool: pg.Pool }): Router {
       return rows[0];
     });
     res.status(201).json({ change_request: change });
+  });
+
+  // What a pending change would do, without doing it (always rolled back).
+  router.get("/changes/:change_id/preview", async (req, res) => {
+    const id = idParam(req, "change_id");
+    const maxRows = intQuery(req, "max_rows", 100);
+    const offsetRows = intQuery(req, "offset_rows", 0);
+    const preview = await asUser(req, async (c) => (await c.query("select snapbase.preview_change($1, $2, $3) as p", [id, maxRows, offsetRows])).rows[0].p);
+    res.json({ preview });
   });
 
   router.post("/changes/:change_id/approve", async (req, res) => {
