@@ -39,6 +39,8 @@ export interface Config {
   allowSelfApproval: boolean;
   /** statement_timeout for every API request, in ms (0: none). */
   statementTimeoutMs: number;
+  /** Shutdown: how long requests and jobs in flight may take to finish before they are stopped, in ms. */
+  shutdownDrainMs: number;
 }
 
 export class ConfigError extends Error {
@@ -151,6 +153,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     demoPassword: env.DEMO_PASSWORD || undefined,
     allowSelfApproval: parseBool("ALLOW_SELF_APPROVAL", env.ALLOW_SELF_APPROVAL, false, problems),
     statementTimeoutMs: parseInt10("STATEMENT_TIMEOUT_MS", env.STATEMENT_TIMEOUT_MS, 60000, 0, 3600000, problems),
+    shutdownDrainMs: parseInt10("SHUTDOWN_DRAIN_MS", env.SHUTDOWN_DRAIN_MS, 10000, 0, 600000, problems),
   };
   if (config.demoPassword !== undefined && config.demoPassword.length < 8) {
     problems.push("DEMO_PASSWORD must be at least 8 characters");

@@ -3,6 +3,7 @@
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
+import { createPool } from "../src/db/pools.ts";
 import { startServer, type RunningServer } from "../src/server/app.ts";
 
 export const db = inject("db");
@@ -12,8 +13,10 @@ afterAll(async () => {
   await Promise.all(pools.splice(0).map((p) => p.end()));
 });
 
+// Through the same factory as the server's pools: a backend a fault test terminates
+// is logged, never an unhandled 'error' event in the test process.
 function pool(url: string): pg.Pool {
-  const p = new pg.Pool({ connectionString: url, max: 6 });
+  const p = createPool({ name: "test", connectionString: url, max: 6, quiet: true });
   pools.push(p);
   return p;
 }

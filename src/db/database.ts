@@ -1,13 +1,13 @@
 // Turns the config into ready connections: starts the embedded server when no
 // DATABASE_URL is given, creates roles and database when it can, migrates, and
 // hands the JWT secret to the database (it signs tokens in snapbase.authenticate).
-import pg from "pg";
 import { type Config, roleNames } from "../config.ts";
 import { log } from "../log.ts";
 import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "./embedded.ts";
 import { loadLocalSecrets } from "./local-secrets.ts";
 import { runMigrations, type MigrationTarget } from "./migrate.ts";
+import { withClient } from "./pools.ts";
 import { databaseName, withUrlParts } from "./urls.ts";
 
 export interface Database {
@@ -114,9 +114,7 @@ export async function applyDatabaseSettings(
   ownerUrl: string,
   s: { jwtSecret: string; jwtTtl: string; allowSelfApproval: boolean },
 ): Promise<void> {
-  const client = new pg.Client({ connectionString: ownerUrl });
-  await client.connect();
-  try {
+  await withClient("settings", ownerUrl, async (client) => {
     await client.query(
       `insert into snapbase_private.settings (key, value)
        select * from unnest($1::text[], $2::text[])
@@ -126,7 +124,5 @@ export async function applyDatabaseSettings(
         [s.jwtSecret, s.jwtTtl, String(s.allowSelfApproval)],
       ],
     );
-  } finally {
-    await client.end();
-  }
+  });
 }

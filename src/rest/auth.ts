@@ -17,7 +17,7 @@ export function authRoutes(deps: { pool: pg.Pool; roles: RoleNames }): Router {
     const token = await withUserTransaction(deps.pool, { role: deps.roles.anonymous }, async (client) => {
       const { rows } = await client.query<{ token: string }>("select snapbase.authenticate($1, $2) as token", [email, password]);
       return rows[0]!.token;
-    });
+    }, req.abortSignal);
     res.json({ token });
   });
   return router;

@@ -8,6 +8,7 @@ import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
 import { settingsForAuthorization, type AuthDeps, type PgSettings } from "../auth/verify.ts";
 import { log } from "../log.ts";
 import { toClientError } from "./errors.ts";
+import { PreviewCapPlugin } from "./cap.ts";
 import { RealtimePlugin } from "./realtime-plugin.ts";
 
 /** Settings resolved by the HTTP auth middleware before grafserv sees the request. */
@@ -37,7 +38,7 @@ function maskError(error: GraphQLError): GraphQLError {
 export function makePreset(opts: { pool: pg.Pool; auth: AuthDeps }): GraphileConfig.Preset {
   return {
     extends: [PostGraphileAmberPreset],
-    plugins: [RealtimePlugin],
+    plugins: [RealtimePlugin, PreviewCapPlugin],
     pgServices: [makePgService({ pool: opts.pool, schemas: ["snapbase"], pubsub: true })],
     grafserv: {
       graphqlPath: "/graphql",
