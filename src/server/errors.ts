@@ -50,11 +50,11 @@ export const DATABASE_UNAVAILABLE: ClientError = {
 };
 
 /** Codes for the 4xx errors of Express and its body parsers (http-errors `type`). */
-const HTTP_ERROR_CODES: Record<string, [number, string]> = {
+const HTTP_ERROR_CODES: Record<string, [number, string, string?]> = {
   "charset.unsupported": [415, "unsupported_charset"],
   "encoding.unsupported": [415, "unsupported_content_encoding"],
-  "entity.parse.failed": [400, "invalid_json"],
-  "entity.too.large": [413, "body_too_large"],
+  "entity.parse.failed": [400, "invalid_json", "the request body is not valid JSON"],
+  "entity.too.large": [413, "body_too_large", "the request body is too large"],
   "entity.verify.failed": [400, "invalid_body"],
   "request.aborted": [400, "request_aborted"],
   "request.size.invalid": [400, "invalid_body"],
@@ -68,7 +68,7 @@ function httpLibraryError(error: unknown): ClientError | null {
   const status = typeof e.status === "number" ? e.status : typeof e.statusCode === "number" ? e.statusCode : undefined;
   if (status === undefined || status < 400 || status > 499 || e.expose === false) return null;
   const known = typeof e.type === "string" ? HTTP_ERROR_CODES[e.type] : undefined;
-  if (known) return { status: known[0], code: known[1], message: String(e.message) };
+  if (known) return { status: known[0], code: known[1], message: known[2] ?? String(e.message) };
   if (error instanceof URIError || /decode param/i.test(String(e.message))) {
     return { status: 400, code: "invalid_path", message: "the URL path is not valid percent-encoded UTF-8" };
   }
