@@ -93,7 +93,7 @@ export async function tokenFor(u: TestUser): Promise<string> {
   return rows[0].token;
 }
 
-export async function startTestServer(opts: { statementTimeoutMs?: number } = {}): Promise<RunningServer> {
+export async function startTestServer(opts: { statementTimeoutMs?: number; authenticatorPoolSize?: number } = {}): Promise<RunningServer> {
   return startServer({
     ownerUrl: db.ownerUrl,
     authenticatorUrl: db.authenticatorUrl,
@@ -103,6 +103,7 @@ export async function startTestServer(opts: { statementTimeoutMs?: number } = {}
     port: 0,
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
+    authenticatorPoolSize: opts.authenticatorPoolSize,
   });
 }
 
