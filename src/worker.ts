@@ -49,6 +49,8 @@ export interface WorkerOptions {
   heartbeatMs?: number;
   /** A process silent this long is dead even if its connection looks alive (default 45 s). */
   deadAfterMs?: number;
+  /** A process whose connection (and lock) is gone is dead once it has not beaten for this long (default 12 s). */
+  lockGraceMs?: number;
   /** Shutdown: how long running jobs may take to finish (default 10 s). */
   drainMs?: number;
 }
@@ -58,6 +60,7 @@ export async function startWorker(opts: WorkerOptions): Promise<Worker> {
   const taskList = await loadTaskList();
   const drainMs = opts.drainMs ?? 10_000;
   const deadAfterMs = opts.deadAfterMs ?? 45_000;
+  const lockGraceMs = opts.lockGraceMs ?? 12_000;
   // Our own pool, so shutdown can close every connection before PostgreSQL stops
   // and a connection dropped by the server is logged instead of crashing the process.
   const pgPool = createPool({ name: "worker", connectionString: opts.ownerUrl, max: opts.concurrency + 3 });
@@ -94,7 +97,8 @@ export async function startWorker(opts: WorkerOptions): Promise<Worker> {
   let stopped = false;
   const sweep = async () => {
     try {
-      const { rows } = await pgPool.query<{ n: number }>("select snapbase_private.recover_dead_workers(make_interval(secs => $1)) as n", [deadAfterMs / 1000]);
+      const { rows } = await pgPool.query<{ n: number }>(
+        "select snapbase_private.recover_dead_workers(make_interval(secs => $1), make_interval(secs => $2)) as n", [deadAfterMs / 1000, lockGraceMs / 1000]);
       if (rows[0]!.n > 0) log.warn("recovered the jobs of dead workers", { jobs: rows[0]!.n });
     } catch (error) {
       log.warn("could not look for dead workers", { error: (error as Error).message });

@@ -90,7 +90,9 @@ async function kill9(child: ChildProcess): Promise<void> {
 }
 
 async function startInProcessWorker(): Promise<Worker> {
-  const w = await startWorker({ ownerUrl: db.ownerUrl, concurrency: 2, credentialsKey: TEST_CREDENTIALS_KEY, sweepIntervalMs: 500 });
+  // Sweeps often, and takes a process whose connection is gone for dead soon (the killed ones beat every 500 ms).
+  const w = await startWorker({ ownerUrl: db.ownerUrl, concurrency: 2, credentialsKey: TEST_CREDENTIALS_KEY,
+    sweepIntervalMs: 500, heartbeatMs: 500, lockGraceMs: 2000 });
   workers.push(w);
   return w;
 }

@@ -3,8 +3,9 @@
 --
 -- * Dead workers. Each worker process registers in snapbase_private.workers and
 --   holds a session advisory lock for as long as its connection lives; it beats
---   every few seconds. A process whose lock is gone (killed, connection lost) or
---   whose heartbeat is stale (hung) is dead: recover_dead_workers, run by every
+--   every few seconds. A process whose lock is gone (killed, connection lost) and
+--   that has not beaten since lock_grace, or whose heartbeat is older than
+--   dead_after (hung), is dead: recover_dead_workers, run by every
 --   live worker, hands its graphile-worker jobs back with graphile-worker's own
 --   force_unlock_workers, and puts their snapbase.jobs back to 'queued' (or ends
 --   them, when cancelled or out of attempts). cancel_job ends a job at once when
@@ -98,16 +99,32 @@ begin
 end;
 $$;
 
+drop function if exists snapbase_private.pool_alive(text, timestamptz, interval);
+drop function if exists snapbase_private.recover_dead_workers(interval);
+
+-- Whether a worker process is alive: it beat within dead_after, and it holds its
+-- lock or beat within lock_grace (a process whose connection blipped, e.g. in a
+-- database restart, takes its lock again at its next beat).
+create or replace function snapbase_private.worker_alive(w snapbase_private.workers, dead_after interval, lock_grace interval)
+returns boolean
+language sql stable
+set search_path = pg_catalog
+as $$
+  select w.heartbeat_at > now() - dead_after
+     and (w.heartbeat_at > now() - lock_grace or snapbase_private.worker_lock_held(w.id))
+$$;
+
 -- Whether a graphile-worker pool is run by a live process. A pool no process has
 -- registered (yet) counts as alive while its lock is younger than dead_after.
-create or replace function snapbase_private.pool_alive(pool_id text, locked_at timestamptz, dead_after interval default '45 seconds')
+create or replace function snapbase_private.pool_alive(pool_id text, locked_at timestamptz,
+                                                       dead_after interval default '45 seconds', lock_grace interval default '12 seconds')
 returns boolean
 language sql stable
 set search_path = pg_catalog
 as $$
   select case
     when exists (select 1 from snapbase_private.workers w where pool_id = any (w.pool_ids)
-                  and w.heartbeat_at > now() - dead_after and snapbase_private.worker_lock_held(w.id)) then true
+                  and snapbase_private.worker_alive(w, dead_after, lock_grace)) then true
     when exists (select 1 from snapbase_private.workers w where pool_id = any (w.pool_ids)) then false
     else coalesce(locked_at > now() - dead_after, false)
   end
@@ -161,41 +178,57 @@ begin
 end;
 $$;
 
--- Run by every live worker every few seconds: finds dead processes (lock gone, or
--- heartbeat older than dead_after) and locks held by pools nobody runs, and
--- recovers their jobs. One sweeper at a time; returns how many jobs it recovered.
-create or replace function snapbase_private.recover_dead_workers(dead_after interval default '45 seconds') returns integer
+-- Run by every live worker every few seconds: finds dead processes (lock gone for
+-- longer than lock_grace, or no heartbeat for dead_after) and locks held by pools
+-- nobody runs, and recovers their jobs. One sweeper at a time; returns how many
+-- jobs it recovered.
+create or replace function snapbase_private.recover_dead_workers(dead_after interval default '45 seconds', lock_grace interval default '12 seconds')
+returns integer
 language plpgsql
 set search_path = pg_catalog
 as $$
 declare
   dead text[];
   recovered integer;
+  j snapbase.jobs;
 begin
   if not pg_try_advisory_xact_lock(snapbase_private.worker_lock_space(), 0) then
     return 0;
   end if;
   with gone as (
     delete from snapbase_private.workers w
-     where not (w.heartbeat_at > now() - dead_after and snapbase_private.worker_lock_held(w.id))
+     where not snapbase_private.worker_alive(w, dead_after, lock_grace)
     returning w.pool_ids
   )
   select coalesce(array_agg(distinct p), '{}') into dead from gone cross join unnest(gone.pool_ids) p;
   -- Locks of pools no live process runs (their process died before registering, or its row was removed).
   dead := dead || coalesce((select array_agg(distinct g.locked_by) from graphile_worker.jobs g
                              where g.locked_by is not null and g.locked_by <> all (dead)
-                               and not snapbase_private.pool_alive(g.locked_by, g.locked_at, dead_after)), '{}');
+                               and not snapbase_private.pool_alive(g.locked_by, g.locked_at, dead_after, lock_grace)), '{}');
   recovered := snapbase_private.recover_pools(dead, 'its worker stopped responding');
-  -- A running job whose graphile-worker job gave up or vanished can never finish.
-  with lost as (
-    update snapbase.jobs sj set state = 'failed', finished_at = now(),
-           error = coalesce('gave up after ' || g.attempts || ' attempts: ' || g.last_error, 'its worker lost the job')
-      from snapbase.jobs j left join graphile_worker.jobs g on g.key = 'snapbase_job_' || j.id
-     where sj.id = j.id and j.state in ('queued', 'running') and j.created_at < now() - dead_after
-       and (g.id is null or (g.locked_by is null and g.attempts >= g.max_attempts))
-    returning sj.*
-  )
-  select recovered + count(*) into recovered from (select snapbase_private.notify_job(l::snapbase.jobs) from lost l) x;
+  -- A queued job without its graphile-worker job (a worker finished it after it was
+  -- taken away) is queued again; a running one whose graphile-worker job gave up
+  -- or vanished can never finish.
+  for j in
+    select sj.* from snapbase.jobs sj
+     where sj.state in ('queued', 'running') and sj.updated_at < now() - dead_after
+       and not exists (select 1 from graphile_worker.jobs g where g.key = 'snapbase_job_' || sj.id
+                        and (g.locked_by is not null or g.attempts < g.max_attempts))
+     for update skip locked
+  loop
+    recovered := recovered + 1;
+    if j.state = 'queued' and not j.cancel_requested
+       and not exists (select 1 from graphile_worker.jobs g where g.key = 'snapbase_job_' || j.id) then
+      perform graphile_worker.add_job(case when j.kind in ('test_connection', 'list_tables') then 'inspect_account' else j.kind::text end,
+        json_build_object('job_id', j.id), job_key => 'snapbase_job_' || j.id, max_attempts => 5);
+      continue;
+    end if;
+    update snapbase.jobs set state = 'failed', finished_at = now(),
+           error = coalesce((select 'gave up after ' || g.attempts || ' attempts: ' || g.last_error from graphile_worker.jobs g
+                              where g.key = 'snapbase_job_' || j.id), 'its worker lost the job')
+     where id = j.id returning * into j;
+    perform snapbase_private.notify_job(j);
+  end loop;
   return recovered;
 end;
 $$;
@@ -326,7 +359,9 @@ begin
     raise exception 'job % is %, not queued or running', job_id, j.state using errcode = '55000';
   end if;
   select gj.locked_by, gj.locked_at into g from graphile_worker.jobs gj where gj.key = 'snapbase_job_' || j.id;
-  now_ := j.state = 'queued' or g.locked_by is null or not snapbase_private.pool_alive(g.locked_by, g.locked_at);
+  -- A worker whose connection is gone counts as dead here at once: at worst a worker
+  -- that is only reconnecting loses a job it was asked to stop anyway.
+  now_ := j.state = 'queued' or g.locked_by is null or not snapbase_private.pool_alive(g.locked_by, g.locked_at, lock_grace => '0 seconds');
   if now_ and g.locked_by is not null then
     -- Its worker is dead: take the job back from it first.
     perform graphile_worker.force_unlock_workers(array[g.locked_by]);

@@ -10,7 +10,8 @@
 // Fencing: every statement runs with `snapbase.job_runner` set to this worker's
 // graphile-worker pool id. Once the job was taken over (this worker was declared
 // dead and the job recovered), the job functions refuse it (SQLSTATE SBJ01) and
-// the task stops without touching the job again.
+// the task stops without touching the job again (it throws, so that graphile-worker
+// does not complete, i.e. delete, the job another worker now holds).
 import type { JobHelpers } from "graphile-worker";
 import type pg from "pg";
 import { openConnector, type ConnectorKind } from "../connectors/index.ts";
@@ -99,7 +100,9 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
   try {
     [started] = await sql<{ job: JobRow | null }>("select to_jsonb(j) as job from snapbase_private.start_job($1) j where j.id is not null", [jobId]);
   } catch (error) {
-    if (error instanceof JobTakenOverError) return helpers.logger.warn(`job ${jobId}: ${error.message}`);
+    // Thrown, not returned: graphile-worker then fails the attempt, which is a no-op for
+    // a job this worker no longer holds (completing it would delete the new runner's job).
+    if (error instanceof JobTakenOverError) helpers.logger.warn(`job ${jobId}: ${error.message}`);
     throw error;
   }
   const job = started?.job;
@@ -129,7 +132,7 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
   } catch (error) {
     if (error instanceof JobTakenOverError || takenOver(error)) {
       helpers.logger.warn(`job ${jobId}: ${(error as Error).message}`);
-      return;
+      throw error; // see above: never "complete" a job that was taken away
     }
     const message = error instanceof Error ? error.message : String(error);
     const lastAttempt = helpers.job.attempts >= helpers.job.max_attempts;

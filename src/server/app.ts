@@ -203,6 +203,10 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const httpServer = createServer(app);
   const preset = makePreset({ pool: authPool, auth });
   const pgl = postgraphile(preset);
+  // Built (the catalog read) before the server listens: PostGraphile keeps the first
+  // build's result, so a build cut off by a lost connection would fail GraphQL until
+  // a restart. If it fails here, start-up fails instead.
+  await pgl.getSchema();
   const serv = pgl.createServ(grafserv);
   await serv.addTo(app, httpServer);
   app.use(errorHandler);
