@@ -14,8 +14,8 @@ import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
-// Killed workers and lost connections are the point here: only errors are logged.
-setLogLevel("error");
+// Killed workers and lost connections are the point here: their (expected) errors are not logged.
+setLogLevel("silent");
 
 const RUN = randomBytes(4).toString("hex");
 const SOURCE_DB = `snapbase_faults_source_${RUN}`;

@@ -83,9 +83,9 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
   const runner = helpers.job.locked_by ?? "";
   const sql: JobScope["sql"] = async (text, values) =>
     helpers.withPgClient(async (client) => {
-      await client.query("begin");
+      // One round trip opens the transaction and names the runner.
+      await client.query(`begin; select set_config('snapbase.job_runner', ${client.escapeLiteral(runner)}, true)`);
       try {
-        await client.query("select set_config('snapbase.job_runner', $1, true)", [runner]);
         const { rows } = await client.query(text, values);
         await client.query("commit");
         return rows;
