@@ -81,7 +81,9 @@ export class SnapbasePool extends pg.Pool {
     this.on("error", (error) => report("idle database connection lost", { pool: this.poolName, error: error.message }));
     // A checked-out one: its current query fails with the error, and the holder releases it.
     this.on("connect", (client) => {
-      client.on("error", (error) => report("database connection lost", { pool: this.poolName, error: error.message }));
+      client.on("error", (error) => {
+        if (!aborted.has(client)) report("database connection lost", { pool: this.poolName, error: error.message });
+      });
     });
   }
 
@@ -195,7 +197,11 @@ export async function withClient<T>(name: string, connectionString: string, fn: 
  * destroyed so the connection can never be reused. The holder's pending query
  * fails and it must release the client with an error.
  */
+/** Connections closed on purpose (abortClient): their connection errors are expected, not logged. */
+const aborted = new WeakSet<object>();
+
 export function abortClient(client: pg.ClientBase): void {
+  aborted.add(client);
   const c = client as unknown as {
     processID?: number;
     secretKey?: number | Buffer;
