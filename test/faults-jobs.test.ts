@@ -5,8 +5,12 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import path from "node:path";
+import mysql from "mysql2/promise";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { mysqlConnector } from "../src/connectors/mysql.ts";
+import { postgresConnector } from "../src/connectors/postgres.ts";
+import { ConnectorError } from "../src/connectors/types.ts";
 import { projectRoot } from "../src/db/migrate.ts";
 import { withUrlParts } from "../src/db/urls.ts";
 import { setLogLevel } from "../src/log.ts";
@@ -324,5 +328,75 @@ describe("a publish cut off after the source committed", () => {
       await client.query("rollback");
       client.release();
     }
+  });
+});
+
+describe("what the source says of an interrupted write", () => {
+  it("PostgreSQL: committed, rolled back, or still open (then the job waits, and retries later)", async () => {
+    const connector = postgresConnector({ connectionString: sourceUrl });
+    const other = new pg.Client({ connectionString: sourceUrl });
+    await other.connect();
+    try {
+      const txid = async () => (await other.query("select txid_current()::text as t")).rows[0].t as string;
+      await other.query("begin");
+      const committed = await txid();
+      await other.query("commit");
+      await other.query("begin");
+      const rolledBack = await txid();
+      await other.query("rollback");
+      expect(await connector.writeStatus({ txid: committed })).toBe("committed");
+      expect(await connector.writeStatus({ txid: rolledBack })).toBe("rolled_back");
+      expect(await connector.writeStatus({})).toBe("unknown");
+      await other.query("begin");
+      const open = await txid();
+      let told = "";
+      const stop = new AbortController();
+      const waiting = connector.writeStatus({ txid: open }, { signal: stop.signal, onWait: (m) => void (told = m, stop.abort()) });
+      const error = await waiting.then(() => null, (e: unknown) => e);
+      expect(told).toMatch(/waiting for transaction/);
+      expect(error).toBeInstanceOf(ConnectorError);
+      expect(error).toMatchObject({ transient: true, message: expect.stringMatching(/still open at the source/) });
+      await other.query("rollback");
+    } finally {
+      await other.end();
+      await connector.close();
+    }
+  });
+
+  it("MySQL: unknown once the connection that wrote is gone (records are then compared); waits while it is there", async () => {
+    const url = new URL(process.env.TEST_MYSQL_URL ?? "mysql://root@127.0.0.1:3306/test");
+    const connector = mysqlConnector({ host: url.hostname, port: Number(url.port || 3306), user: decodeURIComponent(url.username),
+      password: decodeURIComponent(url.password) || undefined, database: url.pathname.slice(1) });
+    const writer = await mysql.createConnection(url.toString());
+    try {
+      const [[{ id }]] = await writer.query("select connection_id() as id") as unknown as [[{ id: number }]];
+      const stop = new AbortController();
+      const error = await connector.writeStatus({ connection_id: id }, { signal: stop.signal, onWait: () => stop.abort() }).then(() => null, (e: unknown) => e);
+      expect(error).toMatchObject({ transient: true, message: expect.stringMatching(/still open at the source/) });
+      await writer.end();
+      await waitFor("the connection to be gone", async () => (await connector.writeStatus({ connection_id: id })) === "unknown");
+    } finally {
+      await writer.end().catch(() => {});
+      await connector.close();
+    }
+  });
+});
+
+describe("a worker declared dead cannot write", () => {
+  it("job functions refuse a runner that no longer holds the job (SQLSTATE SBJ01)", async () => {
+    const job = (await gql(`mutation($a: BigInt!) { testConnectorAccount(input: { accountId: $a }) { result { rowId } } }`, { a: account })).testConnectorAccount.result.rowId;
+    const client = await owner().connect();
+    try {
+      await client.query("begin");
+      // As a task of a pool that does not hold the job's graphile-worker lock (it was taken away).
+      await client.query("select set_config('snapbase.job_runner', 'pool-declared-dead', true)");
+      const refused = await client.query("select snapbase_private.finish_job($1, 'succeeded')", [job]).then(() => null, (e: { code?: string; message: string }) => e);
+      expect(refused).toMatchObject({ code: "SBJ01", message: expect.stringMatching(/no longer run by this worker/) });
+    } finally {
+      await client.query("rollback");
+      client.release();
+    }
+    expect((await jobRow(job)).state).toBe("queued");
+    await gql(`mutation($j: BigInt!) { cancelJob(input: { jobId: $j }) { clientMutationId } }`, { j: job });
   });
 });
