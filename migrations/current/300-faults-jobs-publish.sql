@@ -32,6 +32,9 @@ alter type snapbase.job_state add value if not exists 'partial' after 'succeeded
 comment on type snapbase.job_state is
   'queued → running → succeeded | partial | failed | cancelled; a publish into a managed table waits as awaiting_approval. partial: every record was settled, but some failed or conflicted (result has the counts).';
 
+-- The jobs still to settle, which every worker's sweep reads every few seconds.
+create index if not exists jobs_active_idx on snapbase.jobs (updated_at) where state in ('queued', 'running');
+
 --------------------------------------------------------------------------------
 -- Worker processes and their liveness
 --------------------------------------------------------------------------------
