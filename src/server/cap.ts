@@ -10,9 +10,15 @@ export const PREVIEW_CELL_CHARS = 1000;
  *  "…[N characters]" (N: the full length); objects get "truncated_cells": count. */
 export function capStrings<T>(value: T, max = PREVIEW_CELL_CHARS): T {
   let cut = 0;
+  // Already cut (by the database, or an earlier pass): kept as it is.
+  const alreadyCut = new RegExp(`^[\\s\\S]{0,${max}}…\\[\\d+ characters\\]$`);
   const walk = (v: unknown): unknown => {
     if (typeof v === "string") {
       if (v.length <= max) return v;
+      if (v.length <= max + 40 && alreadyCut.test(v)) {
+        cut++;
+        return v;
+      }
       cut++;
       // Never split a surrogate pair.
       const end = /[\ud800-\udbff]/.test(v[max - 1] ?? "") ? max - 1 : max;
