@@ -13,12 +13,19 @@ import { startWorker, type Worker } from "./worker.ts";
 
 type Stoppable = { name: string; stop: () => Promise<void> };
 
-function onShutdown(parts: Stoppable[]): void {
+function onShutdown(parts: Stoppable[], drainMs: () => number): void {
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;
     stopping = true;
     log.info("shutting down", { signal });
+    // Every part bounds its own stop (drain, then stop what is left); this is the
+    // last resort should one of them hang anyway.
+    const deadline = setTimeout(() => {
+      log.error("shutdown did not finish in time; exiting");
+      process.exit(1);
+    }, 2 * drainMs() + 20_000);
+    deadline.unref();
     // Stop in reverse order of start: HTTP, then worker (drains running jobs), then the database.
     for (const part of [...parts].reverse()) {
       try {
@@ -36,7 +43,7 @@ function onShutdown(parts: Stoppable[]): void {
 
 async function start(config: Config, opts: { server: boolean; worker: boolean }): Promise<void> {
   const parts: Stoppable[] = [];
-  onShutdown(parts);
+  onShutdown(parts, () => config.shutdownDrainMs);
   const db: Database = await prepareDatabase(config);
   parts.push({ name: "database", stop: () => db.stop() });
   const roles = db.migrationTarget.roles;
@@ -53,7 +60,12 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
   }
   let worker: Worker | undefined;
   if (opts.worker) {
-    worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: config.worker.concurrency, credentialsKey: db.credentialsKey });
+    worker = await startWorker({
+      ownerUrl: db.ownerUrl,
+      concurrency: config.worker.concurrency,
+      credentialsKey: db.credentialsKey,
+      drainMs: config.shutdownDrainMs,
+    });
     parts.push({ name: "worker", stop: () => worker!.stop() });
   }
   let server: RunningServer | undefined;
@@ -68,6 +80,7 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
       statementTimeoutMs: config.statementTimeoutMs,
       credentialsKey: db.credentialsKey,
       http: config.http,
+      shutdownDrainMs: config.shutdownDrainMs,
     });
     parts.push({ name: "http server", stop: () => server!.close() });
   }

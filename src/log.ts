@@ -3,8 +3,9 @@ type Level = "debug" | "info" | "warn" | "error";
 const order: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 };
 let threshold: number = order[(process.env.LOG_LEVEL as Level) ?? "info"] ?? order.info;
 
-export function setLogLevel(level: Level): void {
-  threshold = order[level];
+/** "silent": nothing at all (tests that inject faults, whose errors are expected). */
+export function setLogLevel(level: Level | "silent"): void {
+  threshold = level === "silent" ? Infinity : order[level];
 }
 
 function write(level: Level, msg: string, fields?: Record<string, unknown>): void {

@@ -3,12 +3,12 @@
 // memory. A retry re-applies batches harmlessly: records are matched by remote id.
 import type { Task } from "graphile-worker";
 import { readAhead } from "../src/jobs/read-ahead.ts";
-import { runJob } from "../src/jobs/run.ts";
+import { runJob, WorkerStoppingError } from "../src/jobs/run.ts";
 
 const BATCH_SIZE = 2000;
 
 const download: Task = async (payload, helpers) => {
-  await runJob(payload, helpers, async ({ job, connector, sql, finish }) => {
+  await runJob(payload, helpers, async ({ job, connector, sql, finish, signal }) => {
     const remoteTable = job.options.remote_table!;
     const spec = await connector.tableSpec(remoteTable);
     await sql("select snapbase_private.prepare_download($1, $2)", [job.id, JSON.stringify(spec)]);
@@ -16,6 +16,8 @@ const download: Task = async (payload, helpers) => {
     const abort = new AbortController();
     let done = 0;
     for await (const batch of readAhead(connector.download(remoteTable, { batchSize: BATCH_SIZE, signal: abort.signal }))) {
+      // A worker shutting down stops between batches; the job resumes elsewhere (batches re-apply harmlessly).
+      if (signal.aborted) throw new WorkerStoppingError();
       done += batch.length;
       const records = JSON.stringify(batch.map((r) => ({ remote_id: r.remoteId, values: r.values })));
       const [{ go_on }] = await sql("select snapbase_private.apply_download_batch($1, $2, $3) as go_on", [job.id, records, done]);

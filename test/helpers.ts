@@ -4,6 +4,7 @@ import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
 import { signClaims } from "../src/auth/tokens.ts";
+import { createPool } from "../src/db/pools.ts";
 import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
@@ -13,8 +14,10 @@ afterAll(async () => {
   await Promise.all(pools.splice(0).map((p) => p.end()));
 });
 
+// Through the same factory as the server's pools: a backend a fault test terminates
+// is logged, never an unhandled 'error' event in the test process.
 function pool(url: string): pg.Pool {
-  const p = new pg.Pool({ connectionString: url, max: 6 });
+  const p = createPool({ name: "test", connectionString: url, max: 6, quiet: true });
   pools.push(p);
   return p;
 }
@@ -94,7 +97,7 @@ export async function tokenFor(u: TestUser): Promise<string> {
 }
 
 export async function startTestServer(
-  opts: { statementTimeoutMs?: number } & Partial<Pick<ServerOptions, "http">> = {},
+  opts: { statementTimeoutMs?: number; authenticatorPoolSize?: number } & Partial<Pick<ServerOptions, "http">> = {},
 ): Promise<RunningServer> {
   return startServer({
     ownerUrl: db.ownerUrl,
@@ -106,6 +109,7 @@ export async function startTestServer(
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
     http: opts.http,
+    authenticatorPoolSize: opts.authenticatorPoolSize,
   });
 }
 

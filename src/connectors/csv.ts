@@ -13,6 +13,7 @@ import { Readable } from "node:stream";
 import { CsvError, parse } from "csv-parse";
 import { stringify } from "csv-stringify/sync";
 import pg from "pg";
+import { createPool } from "../db/pools.ts";
 import {
   ConnectorError,
   type ColumnSpec,
@@ -21,8 +22,9 @@ import {
   type RecordOutcome,
   type RemoteRecord,
   type TableSpec,
+  type WriteOptions,
 } from "./types.ts";
-import { NETWORK_ERROR_CODES, isPlainError, messageOf, missingRecord } from "./values.ts";
+import { NETWORK_ERROR_CODES, isPlainError, messageOf, missingRecord, postgresWriteStatus } from "./values.ts";
 
 export interface CsvCredentials {
   fileId: string;
@@ -352,9 +354,8 @@ function cellText(value: unknown): string {
 
 export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: string; jobId?: string }): Connector {
   const fileId = credentials.fileId;
-  const pool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 10_000 });
-  // An idle connection the server drops must not crash the process; the next query reports it.
-  pool.on("error", () => {});
+  // A connection the server drops (idle or in use) must not crash the process; the next query reports it.
+  const pool = createPool({ name: "csv source", connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 10_000, quiet: true });
   // A job reads the file several times (spec, count, download): keep the latest
   // version understood, and read it again only when a new version or override appears.
   let cached: Loaded | undefined;
@@ -485,7 +486,7 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
    * one. The file's row stays locked from reading to writing, so two publishes to
    * one file apply one after the other. Nothing is stored when every record failed.
    */
-  function rewrite<T>(table: string, items: T[], apply: (draft: Draft, item: T) => RecordOutcome): Promise<RecordOutcome[]> {
+  function rewrite<T>(table: string, items: T[], apply: (draft: Draft, item: T) => RecordOutcome, writeOpts?: WriteOptions): Promise<RecordOutcome[]> {
     if (items.length === 0) return Promise.resolve([]);
     return guard(async () => {
       const client = await pool.connect();
@@ -501,6 +502,10 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
           const { content, rowCount: records, rowNumbers } = draft.result();
           await client.query("select snapbase_private.add_csv_version($1, $2, $3, $4, $5, $6)", [
             fileId, content, records, opts.jobId ?? null, rowNumbers, JSON.stringify(draft.loaded.inferredTypes)]);
+        }
+        if (writeOpts?.beforeCommit) {
+          const { rows } = await client.query("select txid_current()::text as txid");
+          await writeOpts.beforeCommit({ txid: rows[0].txid }, outcomes);
         }
         await client.query("commit");
         return outcomes;
@@ -535,9 +540,11 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
       return found;
     }),
 
-    create: (table, records) => rewrite(table, records, (draft, values) => draft.create(values)),
-    update: (table, records) => rewrite(table, records, (draft, r) => draft.update(r.remoteId, r.values)),
-    delete: (table, remoteIds) => rewrite(table, remoteIds, (draft, remoteId) => draft.delete(remoteId)),
+    create: (table, records, o) => rewrite(table, records, (draft, values) => draft.create(values), o),
+    update: (table, records, o) => rewrite(table, records, (draft, r) => draft.update(r.remoteId, r.values), o),
+    delete: (table, remoteIds, o) => rewrite(table, remoteIds, (draft, remoteId) => draft.delete(remoteId), o),
+
+    writeStatus: (receipt, o) => guard(() => postgresWriteStatus((sql, params) => pool.query(sql, params), receipt, o)),
 
     close: () => pool.end(),
   };

@@ -2,6 +2,7 @@
 // "schema.table"; a record is a row as to_jsonb renders it, identified by its
 // single-column primary key as text.
 import pg from "pg";
+import { createPool } from "../db/pools.ts";
 import {
   ConnectorError,
   type ColumnSpec,
@@ -10,6 +11,7 @@ import {
   type RecordOutcome,
   type RemoteRecord,
   type TableSpec,
+  type WriteOptions,
 } from "./types.ts";
 import {
   NETWORK_ERROR_CODES,
@@ -20,6 +22,7 @@ import {
   messageOf,
   missingRecord,
   parseRowJson,
+  postgresWriteStatus,
 } from "./values.ts";
 
 export interface PostgresCredentials {
@@ -49,14 +52,16 @@ const quote = pg.escapeIdentifier;
 
 export function postgresConnector(credentials: PostgresCredentials): Connector {
   const password = passwordIn(credentials.connectionString);
-  const pool = new pg.Pool({
+  // A connection the source drops (idle or in use) must not crash the process; the next query reports it.
+  // Managed tables are read as the job's creator (the role is set for the whole session).
+  const pool = createPool({
+    name: "postgres source",
     connectionString: credentials.connectionString,
     max: 2,
     connectionTimeoutMillis: 10_000,
-    ...(credentials.managedAs ? { options: `-c role=${credentials.managedAs}` } : {}),
+    quiet: true,
+    ...(credentials.managedAs ? { sessionSettings: { role: credentials.managedAs } } : {}),
   });
-  // An idle connection the server drops must not crash the process; the next query reports it.
-  pool.on("error", () => {});
 
   const describe = (error: unknown) => describeError(error, password);
   /** Runs one public call, reporting any failure as a ConnectorError. */
@@ -110,9 +115,11 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
       return found;
     }),
 
-    create: (table, records) => write(table, records, createRecord),
-    update: (table, records) => write(table, records, updateRecord),
-    delete: (table, remoteIds) => write(table, remoteIds, deleteRecord),
+    create: (table, records, opts) => write(table, records, createRecord, opts),
+    update: (table, records, opts) => write(table, records, updateRecord, opts),
+    delete: (table, remoteIds, opts) => write(table, remoteIds, deleteRecord, opts),
+
+    writeStatus: (receipt, opts) => guard(() => postgresWriteStatus((sql, params) => pool.query(sql, params), receipt, opts)),
 
     close: () => pool.end(),
   };
@@ -153,11 +160,16 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
 
   type Apply<T> = (client: pg.PoolClient, t: ResolvedTable, item: T) => Promise<RecordOutcome>;
 
-  function write<T>(table: string, items: T[], apply: Apply<T>): Promise<RecordOutcome[]> {
+  function write<T>(table: string, items: T[], apply: Apply<T>, opts?: WriteOptions): Promise<RecordOutcome[]> {
     if (items.length === 0) return Promise.resolve([]);
     return guard(() => withClient(async (client) => {
       const t = await resolveTable(client, table);
-      return applyEachInTransaction((sql) => client.query(sql), items, (item) => apply(client, t, item), isRecordError);
+      // The txid tells later whether this transaction committed (txid_status).
+      const beforeCommit = opts?.beforeCommit && (async (outcomes: RecordOutcome[]) => {
+        const { rows } = await client.query("select txid_current()::text as txid");
+        await opts.beforeCommit!({ txid: rows[0].txid }, outcomes);
+      });
+      return applyEachInTransaction((sql) => client.query(sql), items, (item) => apply(client, t, item), isRecordError, beforeCommit);
     }));
   }
 }

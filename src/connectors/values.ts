@@ -1,6 +1,6 @@
 // Helpers shared by the database connectors: per-record writes with savepoints,
 // error text without secrets, and JSON parsing that keeps wide numbers exact.
-import { ConnectorError, type RecordOutcome } from "./types.ts";
+import { ConnectorError, type RecordOutcome, type WriteReceipt, type WriteStatus } from "./types.ts";
 
 /** Node's network error codes: the host is down, unreachable or dropped us; worth retrying. */
 export const NETWORK_ERROR_CODES: ReadonlySet<string> = new Set([
@@ -30,6 +30,58 @@ export function hideSecret(text: string, secret: string | undefined): string {
   return secret ? text.split(secret).join("***") : text;
 }
 
+/** Waits `ms`, or less if the signal aborts. */
+export const pause = (ms: number, signal?: AbortSignal): Promise<void> =>
+  new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    }
+    signal?.addEventListener("abort", done, { once: true });
+  });
+
+/** How long writeStatus waits for a transaction still open at the source before it lets the job retry later. */
+export const OPEN_TRANSACTION_WAIT_MS = 60_000;
+
+/**
+ * writeStatus for PostgreSQL sources (and the csv connector, whose files live in
+ * PostgreSQL): the transaction's fate by its txid (txid_status), waiting while it
+ * is still open, e.g. a commit held up by a slow deferred trigger.
+ */
+export async function postgresWriteStatus(
+  query: (sql: string, params: unknown[]) => Promise<{ rows: { status: string | null }[] }>,
+  receipt: WriteReceipt,
+  opts: { onWait?: (message: string) => void; signal?: AbortSignal } = {},
+): Promise<WriteStatus> {
+  const txid = receipt.txid;
+  if (typeof txid !== "string" || !/^\d{1,20}$/.test(txid)) return "unknown";
+  const until = Date.now() + OPEN_TRANSACTION_WAIT_MS;
+  let told = false;
+  for (;;) {
+    let status: string | null;
+    try {
+      status = (await query("select txid_status($1::bigint) as status", [txid])).rows[0]?.status ?? null;
+    } catch (error) {
+      // "transaction ID is in the future": not this server's history (restored, replaced).
+      if ((error as { code?: string }).code === "22023") return "unknown";
+      throw error;
+    }
+    if (status === "committed") return "committed";
+    if (status === "aborted") return "rolled_back";
+    if (status !== "in progress") return "unknown"; // too old to tell
+    if (!told) {
+      told = true;
+      opts.onWait?.(`waiting for transaction ${txid} of an interrupted publish to finish at the source`);
+    }
+    if (Date.now() > until || opts.signal?.aborted) {
+      throw new ConnectorError(`transaction ${txid} of an interrupted publish is still open at the source; trying again later`, { transient: true });
+    }
+    await pause(250, opts.signal);
+  }
+}
+
 /** Wraps any failure in a ConnectorError, keeping ConnectorErrors as they are. */
 export function asConnectorError(error: unknown, describe: (error: unknown) => ConnectorError): ConnectorError {
   return error instanceof ConnectorError ? error : describe(error);
@@ -39,12 +91,15 @@ export function asConnectorError(error: unknown, describe: (error: unknown) => C
  * Applies each item in its own savepoint inside one transaction, so a record the
  * source rejects gets `ok: false` and the others still apply. Errors that are not
  * about one record (connection lost, deadlock) abort the whole call and are thrown.
+ * `beforeCommit` runs after the last item and before COMMIT; if it throws, nothing
+ * is committed.
  */
 export async function applyEachInTransaction<T>(
   exec: (sql: string) => Promise<unknown>,
   items: T[],
   apply: (item: T) => Promise<RecordOutcome>,
   isRecordError: (error: unknown) => boolean,
+  beforeCommit?: (outcomes: RecordOutcome[]) => Promise<void>,
 ): Promise<RecordOutcome[]> {
   const outcomes: RecordOutcome[] = [];
   await exec("begin");
@@ -60,6 +115,8 @@ export async function applyEachInTransaction<T>(
         outcomes.push({ ok: false, error: messageOf(error) });
       }
     }
+    // The caller records what is about to be committed (publish's intent) first.
+    await beforeCommit?.(outcomes);
   } catch (error) {
     await exec("rollback").catch(() => {});
     throw error;

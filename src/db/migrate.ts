@@ -5,8 +5,9 @@ import { Logger as WorkerLogger, runMigrations as installWorkerSchema } from "gr
 import { readFileSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import pg from "pg";
+import type pg from "pg";
 import { Logger } from "@graphile/logger";
+import { createPool } from "./pools.ts";
 import { log } from "../log.ts";
 import type { RoleNames } from "../config.ts";
 
@@ -63,7 +64,7 @@ const quietLogFactory = (component: string) => () => (level: string, message: st
   else if (level === "warning") log.warn(message, { component });
 };
 const quietLogger = new Logger(quietLogFactory("graphile-migrate"));
-const quietWorkerLogger = new WorkerLogger(quietLogFactory("graphile-worker"));
+export const quietWorkerLogger = new WorkerLogger(quietLogFactory("graphile-worker"));
 
 // The work in progress is the folder `migrations/current/` (graphile-migrate's
 // folder mode: its files are applied in number order, so separate topics can be
@@ -88,9 +89,7 @@ export async function runMigrations(target: MigrationTarget, opts: { includeCurr
   await migrate(settings, false, false);
   // SQL functions queue jobs with graphile_worker.add_job, so its schema must exist
   // even before a worker first starts.
-  const pool = new pg.Pool({ connectionString: target.ownerUrl, max: 1 });
-  pool.on("error", (e) => log.warn("worker schema connection failed", { error: e.message }));
-  pool.on("connect", (client) => client.on("error", (e) => log.warn("worker schema connection failed", { error: e.message })));
+  const pool = createPool({ name: "worker schema", connectionString: target.ownerUrl, max: 1 });
   try {
     await installWorkerSchema({ pgPool: pool, logger: quietWorkerLogger });
   } finally {

@@ -11,6 +11,7 @@ import { pipeline } from "node:stream/promises";
 import type pg from "pg";
 import { from as copyFrom } from "pg-copy-streams";
 import { withUserTransaction } from "../db/request-client.ts";
+import { capStrings } from "../server/cap.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
@@ -90,14 +91,14 @@ export function importRoutes(deps: { pool: pg.Pool }): Router {
         await pipeline(stagingText(records), c.query(copyFrom("copy snapbase_csv_staging (line, cells) from stdin")));
         await c.query("select snapbase_private.stage_csv_copy($1)", [importId]);
         const { rows } = await c.query("select to_jsonb(i) as import, snapbase.csv_import_preview(i.id) as preview from snapbase.csv_imports i where i.id = $1", [importId]);
-        return rows[0];
+        return { import: capStrings(rows[0].import), preview: capStrings(rows[0].preview) };
       } catch (error) {
         throw asUploadError(error);
       } finally {
         parser.destroy();
         await feeding;
       }
-    });
+    }, req.abortSignal);
     res.status(201).json(result);
   });
 

@@ -5,14 +5,15 @@ import express, { type NextFunction, type Request, type Response } from "express
 import helmet from "helmet";
 import { randomBytes } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import { isIP, type AddressInfo } from "node:net";
-import pg from "pg";
+import { isIP, type AddressInfo, type Socket } from "node:net";
 import { postgraphile } from "postgraphile";
 import { grafserv } from "postgraphile/grafserv/express/v4";
 import { ThrottledError } from "../auth/sign-in.ts";
 import { settingsForAuthorization, type AuthDeps, type PgSettings } from "../auth/verify.ts";
 import { developmentHttpOptions, type HttpOptions, type RoleNames } from "../config.ts";
 import { migrationsAreCurrent } from "../db/migrate.ts";
+import { createPool, type SnapbasePool } from "../db/pools.ts";
+import { RequestAbortedError } from "../db/request-client.ts";
 import { log } from "../log.ts";
 import { authRoutes } from "../rest/auth.ts";
 import { changeRoutes } from "../rest/changes.ts";
@@ -21,6 +22,7 @@ import { eventRoutes } from "../rest/events.ts";
 import { exportRoutes } from "../rest/exports.ts";
 import { importRoutes } from "../rest/imports.ts";
 import { EventHub } from "../realtime/hub.ts";
+import { jsonBody } from "./body.ts";
 import { HttpError, toClientError } from "./errors.ts";
 import { cspNonces, httpPgSettings, makePreset, throttledRequests } from "./graphql.ts";
 
@@ -35,18 +37,44 @@ export interface ServerOptions {
   credentialsKey?: string;
   /** GraphiQL, introspection, suggestions, GraphQL limits, CORS, proxies; unset: development defaults. */
   http?: Partial<HttpOptions>;
+  /** Connections of the authenticator pool (requests, PostGraphile, SSE catch-ups). */
+  authenticatorPoolSize?: number;
+  /** How long shutdown waits for requests in flight before it stops them. */
+  shutdownDrainMs?: number;
 }
 
 export interface RunningServer {
   url: string;
   httpServer: Server;
-  close(): Promise<void>;
+  /** The pools requests run on (for operations and tests). */
+  pools: { authenticator: SnapbasePool; owner: SnapbasePool };
+  /**
+   * Stops accepting requests, ends event streams, waits up to the drain time
+   * (default: the server's shutdownDrainMs) for requests in flight, then stops
+   * what is left (their queries are cancelled) and closes every connection.
+   */
+  close(opts?: { drainMs?: number }): Promise<void>;
 }
 
 declare module "express-serve-static-core" {
   interface Request {
     pgSettings?: PgSettings;
+    /** Aborts when the client goes away before the response is complete. */
+    abortSignal: AbortSignal;
   }
+}
+
+export const DEFAULT_SHUTDOWN_DRAIN_MS = 10_000;
+
+// A client that goes away (or a shutdown that cuts it off) aborts the request's
+// database work: see withUserTransaction.
+function abortOnHangUp(req: Request, res: Response, next: NextFunction): void {
+  const controller = new AbortController();
+  req.abortSignal = controller.signal;
+  res.once("close", () => {
+    if (!res.writableFinished) controller.abort();
+  });
+  next();
 }
 
 function requestLog(req: Request, res: Response, next: NextFunction): void {
@@ -162,12 +190,15 @@ function securityHeaders() {
 }
 
 function errorHandler(error: unknown, req: Request, res: Response, _next: NextFunction): void {
-  const parseError = error as { type?: string; status?: number };
-  const client =
-    toClientError(error) ??
-    (parseError.type === "entity.parse.failed" ? { status: 400, code: "invalid_json", message: "the request body is not valid JSON" } : null) ??
-    (parseError.type === "entity.too.large" ? { status: 413, code: "body_too_large", message: "the request body is too large" } : null);
+  if (error instanceof RequestAbortedError || (req.abortSignal?.aborted && res.destroyed)) {
+    // The client is gone (or shutdown stopped the request): nobody to answer.
+    log.info("request aborted", { method: req.method, path: req.originalUrl.split("?")[0] });
+    res.destroy();
+    return;
+  }
+  const client = toClientError(error);
   if (!client) log.error("unhandled error", { error: error instanceof Error ? error.stack : String(error) });
+  else if (client.status === 503) log.warn("database unavailable", { path: req.originalUrl.split("?")[0], error: (error as Error).message });
   const { status, code, message } = client ?? { status: 500, code: "internal_error", message: "internal error" };
   if (res.headersSent) {
     res.destroy();
@@ -181,10 +212,20 @@ function errorHandler(error: unknown, req: Request, res: Response, _next: NextFu
 }
 
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
-  const authPool = new pg.Pool({ connectionString: opts.authenticatorUrl, max: 20 });
-  const ownerPool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2 });
-  authPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
-  ownerPool.on("error", (e) => log.warn("idle owner connection failed", { error: e.message }));
+  // Requests run on the authenticator pool, which resets each connection before
+  // reuse. jit_optimize_above_cost is what @dataplan/pg sets on its connections;
+  // as a start-up setting it survives the reset's RESET ALL.
+  const authPool = createPool({
+    name: "authenticator",
+    connectionString: opts.authenticatorUrl,
+    max: opts.authenticatorPoolSize ?? 20,
+    resetOnRelease: true,
+    connectionTimeoutMillis: 15_000,
+    sessionSettings: { jit_optimize_above_cost: "-1" },
+  });
+  const ownerPool = createPool({ name: "owner", connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 15_000 });
+  const shutdown = new AbortController();
+  const drainMs = opts.shutdownDrainMs ?? DEFAULT_SHUTDOWN_DRAIN_MS;
   const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs };
   const http: HttpOptions = { ...developmentHttpOptions, ...opts.http };
 
@@ -192,9 +233,20 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
 
   const app = express();
   app.disable("x-powered-by");
+  // Requests in flight, so shutdown can wait for them (and only them).
+  let inFlight = 0;
+  let idle: (() => void) | undefined;
+  app.use((_req, res, next) => {
+    inFlight++;
+    res.once("close", () => {
+      if (--inFlight === 0) idle?.();
+    });
+    next();
+  });
   app.set("trust proxy", http.trustProxy);
   const clientAddress = clientAddressFn(app);
   app.use(requestLog);
+  app.use(abortOnHangUp);
   app.use(securityHeaders());
   if (http.corsOrigins.length > 0) {
     app.use(cors({
@@ -210,6 +262,10 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     res.json({ status: "ok" });
   });
   app.get("/readyz", async (_req, res) => {
+    if (shutdown.signal.aborted) {
+      res.status(503).json({ status: "not_ready", reason: "shutting down" });
+      return;
+    }
     try {
       await authPool.query("select 1");
       const client = await ownerPool.connect();
@@ -229,11 +285,17 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   });
 
   const api = express.Router();
-  api.use(express.json({ limit: "10mb" }));
+  // JSON everywhere, except the routes that take a CSV file as their body.
+  api.use(jsonBody({ limit: "10mb", only: true, otherTypes: /^\/(csv-files|workbook-tables\/[^/]+\/imports)\/?$/ }));
   api.use(authenticate(auth));
   api.use(requireSignIn(opts.roles));
   api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret, clientAddress }));
-  api.use(eventRoutes({ pool: authPool, hub, reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }) }));
+  api.use(eventRoutes({
+    pool: authPool,
+    hub,
+    shutdown: shutdown.signal,
+    reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }),
+  }));
   api.use(exportRoutes({ pool: authPool }));
   api.use(importRoutes({ pool: authPool }));
   api.use(changeRoutes({ pool: authPool }));
@@ -241,15 +303,27 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
+  // Parsed here (strict UTF-8), so grafserv gets the JSON as it is.
+  app.post("/graphql", jsonBody({ limit: "10mb" }));
   app.use("/graphql", authenticate(auth), throttledGraphqlStatus);
 
   const httpServer = createServer(app);
   const preset = makePreset({ pool: authPool, auth, http, clientAddress });
   const pgl = postgraphile(preset);
+  // Built (the catalog read) before the server listens: PostGraphile keeps the first
+  // build's result, so a build cut off by a lost connection would fail GraphQL until
+  // a restart. If it fails here, start-up fails instead.
+  await pgl.getSchema();
   const serv = pgl.createServ(grafserv);
   await serv.addTo(app, httpServer);
   app.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use(errorHandler);
+  // WebSockets leave the HTTP server's bookkeeping once upgraded: shutdown closes them itself.
+  const upgraded = new Set<Socket>();
+  httpServer.on("upgrade", (_req, socket: Socket) => {
+    upgraded.add(socket);
+    socket.once("close", () => upgraded.delete(socket));
+  });
 
   await new Promise<void>((resolve, reject) => {
     httpServer.once("error", reject);
@@ -258,17 +332,37 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const { port } = httpServer.address() as AddressInfo;
   const url = `http://${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${port}`;
 
+  let closing: Promise<void> | undefined;
+  const close = async (closeOpts: { drainMs?: number } = {}): Promise<void> => {
+    const wait = closeOpts.drainMs ?? drainMs;
+    // New connections are refused; event streams end (their clients reconnect elsewhere).
+    shutdown.abort();
+    const closed = new Promise<void>((resolve) => httpServer.close(() => resolve()));
+    httpServer.closeIdleConnections();
+    // Requests in flight may finish within the drain time; then they are cut off, which
+    // aborts their database work (queries cancelled, connections destroyed).
+    if (inFlight > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        new Promise<void>((resolve) => (idle = resolve)),
+        new Promise<void>((resolve) => (timer = setTimeout(resolve, wait))),
+      ]);
+      clearTimeout(timer);
+      if (inFlight > 0) log.warn("shutdown: stopping requests still in flight", { count: inFlight });
+    }
+    httpServer.closeAllConnections();
+    for (const socket of upgraded) socket.destroy();
+    await serv.release(); // also releases the PostGraphile instance
+    // The LISTEN client of GraphQL subscriptions goes back to the pool, which can then end.
+    for (const service of preset.pgServices ?? []) service.pgSubscriber?.release?.();
+    await hub.close();
+    await closed;
+    await Promise.all([authPool.endWithin(5_000), ownerPool.endWithin(5_000)]);
+  };
   return {
     url,
     httpServer,
-    close: async () => {
-      httpServer.closeAllConnections();
-      await new Promise<void>((resolve) => httpServer.close(() => resolve()));
-      await serv.release(); // also releases the PostGraphile instance
-      // The LISTEN client of GraphQL subscriptions goes back to the pool, which can then end.
-      for (const service of preset.pgServices ?? []) service.pgSubscriber?.release?.();
-      await hub.close();
-      await Promise.all([authPool.end(), ownerPool.end()]);
-    },
+    pools: { authenticator: authPool, owner: ownerPool },
+    close: (closeOpts) => (closing ??= close(closeOpts)),
   };
 }

@@ -12,6 +12,7 @@ import { log } from "../log.ts";
 import { makeAuthPlugin } from "./auth-plugin.ts";
 import { toClientError } from "./errors.ts";
 import { makeHardeningPlugin, stripSuggestions } from "./graphql-hardening.ts";
+import { PreviewCapPlugin } from "./cap.ts";
 import { RealtimePlugin } from "./realtime-plugin.ts";
 
 /** Settings resolved by the HTTP auth middleware before grafserv sees the request. */
@@ -83,7 +84,7 @@ export function makePreset(opts: {
   };
   return {
     extends: [PostGraphileAmberPreset],
-    plugins: [RealtimePlugin, RuruNoncePlugin, makeAuthPlugin({ jwtSecret: opts.auth.jwtSecret }), makeHardeningPlugin({ http, anonymousRole: opts.auth.roles.anonymous })],
+    plugins: [RealtimePlugin, PreviewCapPlugin, RuruNoncePlugin, makeAuthPlugin({ jwtSecret: opts.auth.jwtSecret }), makeHardeningPlugin({ http, anonymousRole: opts.auth.roles.anonymous })],
     pgServices: [makePgService({ pool: opts.pool, schemas: ["snapbase"], pubsub: true })],
     grafserv: {
       graphqlPath: "/graphql",
