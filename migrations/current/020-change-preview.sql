@@ -26,117 +26,7 @@ drop function if exists snapbase.set_sensitive_columns(regclass, text[]) cascade
 drop function if exists snapbase_private.tg__preview_capture() cascade;
 drop function if exists snapbase_private.unqualified_statement(text) cascade;
 
-create or replace function snapbase_private.probe_user_text(body_prefix text, body text, body_suffix text,
-                                                 params text default '', path text default 'pg_catalog',
-                                                 purpose text default 'filter')
-returns snapbase_private.probe_result
-language plpgsql
-security definer
-set search_path = pg_catalog
-as $$
-declare
-  probe_name text := 'probe_' || md5(random()::text || clock_timestamp()::text);
-  ddl text := format('create function snapbase_sandbox.%I(%s) %s ', probe_name, params, body_prefix) || body || body_suffix;
-  c refcursor;
-  err text;
-  state text;
-  result snapbase_private.probe_result;
-  probe oid;
-  tree text;
-  shifted_tree text;
-begin
-  -- One statement, and it is our CREATE FUNCTION: parsed, never run.
-  begin
-    open c for execute ddl;
-    close c;
-    raise exception 'the text is not a function body' using errcode = '42601';
-  exception when invalid_cursor_definition then
-    get stacked diagnostics err = message_text;
-    if err <> 'cannot open CREATE FUNCTION query as cursor' then
-      raise exception 'this must be a single % (the text holds more than one statement)',
-        case purpose when 'filter' then 'expression' else 'statement' end using errcode = '42601';
-    end if;
-  when syntax_error then
-    get stacked diagnostics err = message_text;
-    raise exception '%', err using errcode = '42601';
-  end;
-  begin
-    perform set_config('search_path', path, true);
-    perform set_config('check_function_bodies', 'on', true);
-    execute ddl;
-    probe := format('snapbase_sandbox.%I', probe_name)::regproc::oid;
-    select p.prosqlbody::text into tree from pg_proc p where p.oid = probe;
-    result.problems := snapbase_private.tree_problems(tree, purpose);
-    select coalesce(array_agg(r.relid), '{}'), coalesce(jsonb_object_agg(r.relid, r.cols), '{}')
-      into result.relations, result.columns
-      from (select d.refobjid as relid, coalesce(jsonb_agg(distinct d.refobjsubid) filter (where d.refobjsubid > 0), '[]') as cols
-              from pg_depend d
-             where d.classid = 'pg_proc'::regclass and d.objid = probe and d.refclassid = 'pg_class'::regclass
-             group by d.refobjid) r;
-    -- Non-built-in functions, operators and types show up as dependencies.
-    result.problems := result.problems || array(
-      select distinct format('the %s %s', case d.refclassid when 'pg_proc'::regclass then 'function' else 'operator' end,
-                             case d.refclassid when 'pg_proc'::regclass then d.refobjid::regprocedure::text else d.refobjid::regoperator::text end)
-        from pg_depend d
-       where d.classid = 'pg_proc'::regclass and d.objid = probe and d.refclassid in ('pg_proc'::regclass, 'pg_operator'::regclass));
-    -- Relations written: requiredPerms has INSERT (1), UPDATE (4) or DELETE (8).
-    select coalesce(array_agg(distinct r.relid), '{}') into result.written
-      from (select f.node, f.value::oid as relid from snapbase_private.node_fields(tree) f
-             where f.node_type in ('RANGETBLENTRY', 'RTEPERMISSIONINFO') and f.field = 'relid' and f.value ~ '^\d+$' and f.value <> '0') r
-      join snapbase_private.node_fields(tree) p on p.node = r.node and p.field = 'requiredPerms' and p.value ~ '^\d+$'
-     where p.value::int & 13 <> 0;
-    -- $1-style references would mean something else where the text finally runs.
-    -- The tree cannot tell `$1` from the first parameter's name (and PostgreSQL 16+
-    -- stores no locations), so the text is analysed again with one more parameter
-    -- in front: a name moves to the next number, `$1` does not.
-    if params <> '' then
-      begin
-        execute format('create function snapbase_sandbox.%I(%s) %s ', probe_name || '_shifted', '"$shift" bigint, ' || params, body_prefix)
-          || body || body_suffix;
-        select p.prosqlbody::text into shifted_tree from pg_proc p
-         where p.oid = format('snapbase_sandbox.%I', probe_name || '_shifted')::regproc::oid;
-        if exists (
-          with a as (select f.value::int as id, row_number() over (order by f.node) as n from snapbase_private.node_fields(tree) f
-                      where f.node_type = 'PARAM' and f.field = 'paramid' and f.value ~ '^\d+$'),
-               b as (select f.value::int as id, row_number() over (order by f.node) as n from snapbase_private.node_fields(shifted_tree) f
-                      where f.node_type = 'PARAM' and f.field = 'paramid' and f.value ~ '^\d+$')
-          select 1 from a full join b on a.n = b.n where b.id is distinct from a.id + 1) then
-          result.problems := result.problems || 'positional parameters ($1)'::text;
-        end if;
-      exception when others then
-        result.problems := result.problems || 'positional parameters ($1)'::text;
-      end;
-    end if;
-    -- Parameters of the probe (PARAM_EXTERN, kind 0): for filters, the columns used.
-    select coalesce(array_agg(distinct f.value::int order by f.value::int), '{}') into result.params
-      from snapbase_private.node_fields(tree) f
-      join snapbase_private.node_fields(tree) k on k.node = f.node and k.field = 'paramkind' and k.value = '0'
-     where f.node_type = 'PARAM' and f.field = 'paramid' and f.value ~ '^\d+$';
-    -- Top-level statements are the QUERY nodes at depth 1.
-    select min(f.value::int), count(*) into result.command_type, result.statements
-      from snapbase_private.node_fields(tree) f where f.node_type = 'QUERY' and f.depth = 1 and f.field = 'commandType';
-    result.tree := tree;
-    -- Undo the probe (and anything the DDL did) by failing this block on purpose.
-    raise exception 'probe done' using errcode = 'SBPRB';
-  exception
-    when sqlstate 'SBPRB' then
-      null;
-    when others then
-      get stacked diagnostics err = message_text, state = returned_sqlstate;
-      if state = '0A000' and purpose = 'change' then
-        -- "DROP TABLE is not yet supported in unquoted SQL function body" and the like.
-        raise exception 'the change must be exactly one INSERT, UPDATE, DELETE or MERGE statement (%)',
-          regexp_replace(err, ' is not yet supported in unquoted SQL function body', ' is not allowed') using errcode = '42601';
-      end if;
-      if state in ('42P13') then
-        raise exception '%', case purpose when 'filter' then 'a filter must be a true/false expression' else err end
-          using errcode = '22023';
-      end if;
-      raise exception '%', err using errcode = case when state like '42%' or state like '22%' then state else '22023' end;
-  end;
-  return result;
-end;
-$$;
+-- (probe_user_text records the tree: see 030-containment-hardening.sql.)
 
 -- Whether the top statement of a parse tree is an UPDATE or DELETE with no WHERE:
 -- its jointree (the only FROMEXPR at depth 2) has no quals.
@@ -200,8 +90,9 @@ create function snapbase.preview_change(change_id bigint, max_rows integer defau
 returns jsonb
 language plpgsql
 security definer
-set search_path = pg_catalog
+set search_path = pg_catalog, pg_temp
 set client_min_messages = warning
+set standard_conforming_strings = on
 as $$
 declare
   cr snapbase.change_requests;
@@ -251,7 +142,7 @@ begin
     execute format('create trigger snapbase_preview_insert after insert on %s referencing new table as new_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
     execute format('create trigger snapbase_preview_update after update on %s referencing old table as old_rows new table as new_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
     execute format('create trigger snapbase_preview_delete after delete on %s referencing old table as old_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
-    affected := snapbase_private.execute_change(target, cr.sql, probe);
+    affected := snapbase_private.execute_change(target, cr.sql, probe, snapbase_private.submitter_roles(cr));
     -- Rows by key; a key written several times keeps its first before and last after.
     with keyed as (
       select side, "row", (select jsonb_object_agg(k, "row" -> k) from unnest(pk) k) as key,

@@ -19,7 +19,10 @@ export interface ConnectorOptions {
 export function openConnector(kind: ConnectorKind, credentials: Record<string, unknown>, opts: ConnectorOptions): Connector {
   switch (kind) {
     case "postgres":
-      return postgresConnector({ connectionString: String(credentials.connection_string) });
+      return postgresConnector({
+        connectionString: String(credentials.connection_string),
+        address: typeof credentials.address === "string" ? credentials.address : undefined,
+      });
     case "mysql":
       return mysqlConnector({
         host: String(credentials.host),

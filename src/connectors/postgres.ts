@@ -2,6 +2,7 @@
 // "schema.table"; a record is a row as to_jsonb renders it, identified by its
 // single-column primary key as text.
 import pg from "pg";
+import { parse } from "pg-connection-string";
 import { createPool } from "../db/pools.ts";
 import {
   ConnectorError,
@@ -27,6 +28,8 @@ import {
 
 export interface PostgresCredentials {
   connectionString: string;
+  /** The address the connection goes to (checked by connectors/targets.ts); unset: the string's host. */
+  address?: string;
   /**
    * For this database's managed tables: the role every query runs as (the job
    * creator's), so reads carry that user's table and column privileges, and only
@@ -56,7 +59,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
   // Managed tables are read as the job's creator (the role is set for the whole session).
   const pool = createPool({
     name: "postgres source",
-    connectionString: credentials.connectionString,
+    clientConfig: postgresClientConfig(credentials.connectionString, credentials.address),
     max: 2,
     connectionTimeoutMillis: 10_000,
     quiet: true,
@@ -351,6 +354,28 @@ function isConnectFailure(error: unknown): boolean {
   const code = codeOf(error);
   if (code === undefined) return isPlainError(error);
   return NETWORK_ERROR_CODES.has(code) || /^(08|28)/.test(code) || code === "3D000";
+}
+
+/** pg's client settings for a PostgreSQL connector: the string as pg reads it, at the checked address. */
+export function postgresClientConfig(connectionString: string, address?: string): pg.ClientConfig {
+  const parsed = parse(connectionString);
+  const config = { ...parsed } as Record<string, unknown>;
+  delete config.host;
+  const host = parsed.host ?? "";
+  // TLS still names (and verifies) the host the user wrote, not the address.
+  const ssl = parsed.ssl === true ? { servername: host } : typeof parsed.ssl === "object" && parsed.ssl ? { ...parsed.ssl, servername: host } : parsed.ssl;
+  return {
+    ...(config as pg.ClientConfig),
+    host: address ?? host,
+    port: parsed.port ? Number(parsed.port) : undefined,
+    database: parsed.database ?? undefined,
+    ssl: ssl as pg.ClientConfig["ssl"],
+  };
+}
+
+/** A failure talking to a PostgreSQL source, as a ConnectorError without the password. */
+export function describePostgresError(error: unknown, password: string | undefined): ConnectorError {
+  return describeError(error, password);
 }
 
 function describeError(error: unknown, password: string | undefined): ConnectorError {

@@ -20,7 +20,9 @@ export const SESSION_RESET_SQL =
 export interface PoolOptions {
   /** Named in logs: "authenticator", "owner", "worker", "connector", … */
   name: string;
-  connectionString: string;
+  connectionString?: string;
+  /** Instead of connectionString: connection settings already parsed (a connector's, with its checked address). */
+  clientConfig?: pg.ClientConfig;
   max?: number;
   /** Run requests: reset session state before a connection is reused. */
   resetOnRelease?: boolean;
@@ -68,7 +70,7 @@ export class SnapbasePool extends pg.Pool {
 
   constructor(opts: PoolOptions) {
     super({
-      connectionString: opts.connectionString,
+      ...(opts.clientConfig ?? { connectionString: opts.connectionString }),
       max: opts.max ?? 10,
       connectionTimeoutMillis: opts.connectionTimeoutMillis,
       idleTimeoutMillis: opts.idleTimeoutMillis ?? 30_000,

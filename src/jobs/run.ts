@@ -128,18 +128,11 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     await finish("failed", undefined, "the connector account was deleted");
     return;
   }
-  let credentials: Record<string, unknown>;
+  let connector: Connector | undefined;
   try {
-    // Checked again now (the account was checked when stored): DNS and the rules may have changed.
-    credentials = await pinConnectorTarget(account.kind, account.credentials, sql);
-  } catch (error) {
-    const message = error instanceof Error ? error.message : String(error);
-    if (error instanceof ConnectorError && error.transient && helpers.job.attempts < helpers.job.max_attempts) throw error;
-    await finish("failed", undefined, message);
-    return;
-  }
-  const connector = openConnector(account.kind, credentials, { ownerUrl, jobId: job.id, creatorRole: account.creator_role ?? undefined });
-  try {
+    // The target is checked again now (it was when the account was stored): DNS and the rules may have changed.
+    const credentials = await pinConnectorTarget(account.kind, account.credentials, sql);
+    connector = openConnector(account.kind, credentials, { ownerUrl, jobId: job.id, creatorRole: account.creator_role ?? undefined });
     await work({ job, accountKind: account.kind, connector, sql, finish, handedOff: () => void (settled = true), signal: helpers.abortSignal });
     if (!settled) await finish("succeeded");
   } catch (error) {
@@ -156,6 +149,6 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     }
     if (!settled) await finish("failed", undefined, message);
   } finally {
-    await connector.close().catch(() => {});
+    await connector?.close().catch(() => {});
   }
 }
