@@ -129,7 +129,7 @@ const PROBES: Record<string, () => Promise<unknown[]>> = {
   workbook_record_counts: async () => {
     const res: any = await as(agent, `query($t: BigInt!) { workbookRecordCounts(tableId: $t) { total filtered dirty withSuggestions deleted } }`, { t: shown });
     // Edits and suggestions on hidden columns alone do not count; the filter does not apply.
-    expect(res.data.workbookRecordCounts).toEqual({ total: 5, filtered: 5, dirty: 4, withSuggestions: 2, deleted: 1 });
+    expect(res.data.workbookRecordCounts).toEqual({ total: "5", filtered: "5", dirty: "4", withSuggestions: "2", deleted: "1" });
     return [res];
   },
   workbook_suggestions: async () => {
