@@ -584,3 +584,233 @@ begin
   end if;
 end;
 $$;
+
+--------------------------------------------------------------------------------
+-- Organizations: members join by invitation, with the invitee's consent
+--------------------------------------------------------------------------------
+
+create function snapbase_private.current_user_email() returns text
+  language sql stable security definer set search_path = pg_catalog as $$
+  select lower(u.email) from snapbase.users u where u.id = snapbase.current_user_id()
+$$;
+comment on function snapbase_private.current_user_email() is
+  'The signed-in user''s email as the users table has it now (not the JWT''s claim), lower-case; NULL without a user.';
+grant execute on function snapbase_private.current_user_email() to :ROLE_VIEWER;
+
+create function snapbase_private.require_organization(organization_id bigint, owner_action text) returns snapbase.organizations
+  language plpgsql stable security definer set search_path = pg_catalog as $$
+declare
+  o snapbase.organizations;
+  m snapbase.organization_members;
+begin
+  select * into o from snapbase.organizations org where org.id = organization_id;
+  -- A DBA (the owner, no user) acts as every organization's owner.
+  if snapbase.current_user_id() is null and snapbase.current_app_role() is not distinct from 'admin' then
+    if o.id is null then
+      raise exception 'no organization %', organization_id using errcode = 'P0002';
+    end if;
+    return o;
+  end if;
+  select * into m from snapbase.organization_members om where om.organization_id = o.id and om.user_id = snapbase.current_user_id();
+  if o.id is null or m.user_id is null or snapbase.current_app_role() is not distinct from 'agent' then
+    raise exception 'no organization %', organization_id using errcode = 'P0002';
+  end if;
+  if owner_action is not null and not m.is_owner then
+    raise exception 'only an owner of organization % may %', organization_id, owner_action using errcode = '42501';
+  end if;
+  return o;
+end;
+$$;
+comment on function snapbase_private.require_organization(bigint, text) is
+  'The organization, when the caller is a member (and an owner, when owner_action says what for); "no organization N" alike for a missing id and one the caller is not a member of.';
+
+create table snapbase.organization_invitations (
+  id bigint generated always as identity primary key,
+  organization_id bigint not null references snapbase.organizations on delete cascade,
+  -- As they were when the invitation was made, for the invitee (who cannot see the organization yet).
+  organization_name text not null,
+  email text not null check (email ~ '^[^@\s]+@[^@\s]+$' and length(email) <= 320 and email = lower(email)),
+  invited_by bigint references snapbase.users on delete set null,
+  invited_by_email text,
+  created_at timestamptz not null default now(),
+  expires_at timestamptz not null,
+  accepted_at timestamptz,
+  declined_at timestamptz,
+  revoked_at timestamptz
+);
+create index organization_invitations_organization_id_idx on snapbase.organization_invitations (organization_id);
+create index organization_invitations_email_idx on snapbase.organization_invitations (email);
+comment on table snapbase.organization_invitations is
+  E'An invitation to join an organization, by email. Its owners see the organization''s invitations; the invitee sees theirs once signed in with that email, and accepts or declines. It never says whether the email has an account.';
+comment on column snapbase.organization_invitations.email is 'The invited address, lower-case.';
+
+create function snapbase_private.invitation_visible(organization_id bigint, email text) returns boolean
+  language sql stable security definer set search_path = pg_catalog as $$
+  select snapbase.current_app_role() is distinct from 'agent' and (
+    (snapbase.current_user_id() is null and snapbase.current_app_role() is not distinct from 'admin')
+    or exists (select 1 from snapbase.organization_members m
+                where m.organization_id = invitation_visible.organization_id and m.user_id = snapbase.current_user_id() and m.is_owner)
+    or email is not distinct from snapbase_private.current_user_email() and snapbase.current_user_id() is not null)
+$$;
+comment on function snapbase_private.invitation_visible(bigint, text) is
+  'May the caller see an invitation: an owner of its organization, or the user signed in with the invited email. Never NULL.';
+grant execute on function snapbase_private.invitation_visible(bigint, text) to :ROLE_VIEWER;
+
+alter table snapbase.organization_invitations enable row level security;
+create policy select_owners_and_invitee on snapbase.organization_invitations for select
+  using (snapbase_private.invitation_visible(organization_id, email));
+grant select on snapbase.organization_invitations to :ROLE_VIEWER;
+
+create function snapbase.organization_invitations_status(i snapbase.organization_invitations) returns text
+  language sql stable set search_path = pg_catalog as $$
+  select case
+    when i.revoked_at is not null then 'revoked'
+    when i.accepted_at is not null then 'accepted'
+    when i.declined_at is not null then 'declined'
+    when i.expires_at <= now() then 'expired'
+    else 'pending'
+  end
+$$;
+comment on function snapbase.organization_invitations_status(snapbase.organization_invitations) is
+  'pending, accepted, declined, revoked or expired.';
+grant execute on function snapbase.organization_invitations_status(snapbase.organization_invitations) to :ROLE_VIEWER;
+
+create function snapbase.invite_organization_member(organization_id bigint, email text) returns snapbase.organization_invitations
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  o snapbase.organizations := snapbase_private.require_organization(organization_id, 'invite members');
+  address text := lower(trim(email));
+  inv snapbase.organization_invitations;
+begin
+  if address is null or address !~ '^[^@\s]+@[^@\s]+$' or length(address) > 320 then
+    raise exception 'email must be an address like name@example.com' using errcode = '22023';
+  end if;
+  -- One pending invitation per address: inviting again renews it. Nothing here
+  -- depends on whether the address has an account (or is a member already).
+  perform 1 from snapbase.organizations org where org.id = o.id for update;
+  select * into inv from snapbase.organization_invitations i
+   where i.organization_id = o.id and i.email = address
+     and i.accepted_at is null and i.declined_at is null and i.revoked_at is null and i.expires_at > now()
+   order by i.id desc limit 1;
+  if inv.id is null then
+    insert into snapbase.organization_invitations (organization_id, organization_name, email, invited_by, invited_by_email, expires_at)
+      values (o.id, o.name, address, snapbase.current_user_id(), snapbase_private.current_user_email(), now() + interval '14 days')
+      returning * into inv;
+  else
+    update snapbase.organization_invitations i
+       set expires_at = now() + interval '14 days', invited_by = snapbase.current_user_id(),
+           invited_by_email = snapbase_private.current_user_email(), organization_name = o.name
+     where i.id = inv.id returning * into inv;
+  end if;
+  perform snapbase_private.audit('invite_organization_member', 'organization_invitation', inv.id::text, null,
+    jsonb_build_object('organization_id', o.id, 'email', address, 'expires_at', inv.expires_at));
+  return inv;
+end;
+$$;
+comment on function snapbase.invite_organization_member(bigint, text) is
+  'Invite an email address to an organization (its owners only). The invitee joins by accepting, once signed in with that address; the answer is the same whether or not the address has an account. Inviting again renews a pending invitation; it expires after 14 days.';
+grant execute on function snapbase.invite_organization_member(bigint, text) to :ROLE_VIEWER;
+
+-- The invitation, locked, when it is the caller's; "no invitation N" otherwise.
+create function snapbase_private.my_invitation(invitation_id bigint) returns snapbase.organization_invitations
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  inv snapbase.organization_invitations;
+begin
+  select * into inv from snapbase.organization_invitations i where i.id = invitation_id for update;
+  if inv.id is null or snapbase.current_user_id() is null or snapbase.current_app_role() is not distinct from 'agent'
+     or inv.email is distinct from snapbase_private.current_user_email() then
+    raise exception 'no invitation %', invitation_id using errcode = 'P0002';
+  end if;
+  if snapbase.organization_invitations_status(inv) = 'expired' then
+    raise exception 'invitation % has expired', invitation_id using errcode = '55000';
+  end if;
+  if snapbase.organization_invitations_status(inv) <> 'pending' then
+    raise exception 'invitation % is %, not pending', invitation_id, snapbase.organization_invitations_status(inv) using errcode = '55000';
+  end if;
+  return inv;
+end;
+$$;
+comment on function snapbase_private.my_invitation(bigint) is
+  'A pending invitation addressed to the signed-in user''s email, locked; "no invitation N" alike for a missing one and anyone else''s.';
+
+create function snapbase.accept_organization_invitation(invitation_id bigint) returns snapbase.organization_members
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  inv snapbase.organization_invitations := snapbase_private.my_invitation(invitation_id);
+  joined snapbase.organization_members;
+begin
+  insert into snapbase.organization_members (organization_id, user_id) values (inv.organization_id, snapbase.current_user_id())
+    on conflict do nothing;
+  update snapbase.organization_invitations i set accepted_at = now() where i.id = inv.id;
+  select * into joined from snapbase.organization_members m where m.organization_id = inv.organization_id and m.user_id = snapbase.current_user_id();
+  perform snapbase_private.audit('accept_organization_invitation', 'organization_invitation', inv.id::text, null,
+    jsonb_build_object('organization_id', inv.organization_id, 'email', inv.email));
+  return joined;
+end;
+$$;
+comment on function snapbase.accept_organization_invitation(bigint) is 'Join the organization of a pending invitation to your email.';
+grant execute on function snapbase.accept_organization_invitation(bigint) to :ROLE_VIEWER;
+
+create function snapbase.decline_organization_invitation(invitation_id bigint) returns snapbase.organization_invitations
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  inv snapbase.organization_invitations := snapbase_private.my_invitation(invitation_id);
+begin
+  update snapbase.organization_invitations i set declined_at = now() where i.id = inv.id returning * into inv;
+  perform snapbase_private.audit('decline_organization_invitation', 'organization_invitation', inv.id::text, null,
+    jsonb_build_object('organization_id', inv.organization_id, 'email', inv.email));
+  return inv;
+end;
+$$;
+comment on function snapbase.decline_organization_invitation(bigint) is 'Decline a pending invitation to your email (its organization''s owners see it declined).';
+grant execute on function snapbase.decline_organization_invitation(bigint) to :ROLE_VIEWER;
+
+create function snapbase.revoke_organization_invitation(invitation_id bigint) returns snapbase.organization_invitations
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  inv snapbase.organization_invitations;
+begin
+  select * into inv from snapbase.organization_invitations i where i.id = invitation_id for update;
+  if inv.id is null or not snapbase_private.invitation_visible(inv.organization_id, null) then
+    raise exception 'no invitation %', invitation_id using errcode = 'P0002';
+  end if;
+  if snapbase.organization_invitations_status(inv) not in ('pending', 'expired') then
+    raise exception 'invitation % is %, not pending', invitation_id, snapbase.organization_invitations_status(inv) using errcode = '55000';
+  end if;
+  update snapbase.organization_invitations i set revoked_at = now() where i.id = inv.id returning * into inv;
+  perform snapbase_private.audit('revoke_organization_invitation', 'organization_invitation', inv.id::text, null,
+    jsonb_build_object('organization_id', inv.organization_id, 'email', inv.email));
+  return inv;
+end;
+$$;
+comment on function snapbase.revoke_organization_invitation(bigint) is 'Withdraw an invitation before it is accepted (owners of its organization).';
+grant execute on function snapbase.revoke_organization_invitation(bigint) to :ROLE_VIEWER;
+
+create function snapbase.remove_organization_member(organization_id bigint, user_id bigint) returns boolean
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  -- Anyone may leave; removing someone else is for owners.
+  o snapbase.organizations := snapbase_private.require_organization(organization_id,
+         case when user_id is distinct from snapbase.current_user_id() then 'remove members' end);
+  m snapbase.organization_members;
+begin
+  select * into m from snapbase.organization_members om where om.organization_id = o.id and om.user_id = remove_organization_member.user_id for update;
+  if m.user_id is null then
+    raise exception 'no member % in organization %', user_id, o.id using errcode = 'P0002';
+  end if;
+  if m.is_owner and not exists (select 1 from snapbase.organization_members om
+                                 where om.organization_id = o.id and om.is_owner and om.user_id <> m.user_id) then
+    raise exception 'organization % would have no owner left' , o.id using errcode = '55000';
+  end if;
+  -- Their shares of the organization's workbooks go with them (and so do their agents' rights).
+  delete from snapbase.workbook_members wm using snapbase.workbooks w
+   where w.id = wm.workbook_id and w.organization_id = o.id and wm.user_id = m.user_id;
+  delete from snapbase.organization_members om where om.organization_id = o.id and om.user_id = m.user_id;
+  perform snapbase_private.audit('remove_organization_member', 'organization', o.id::text, null, jsonb_build_object('user_id', m.user_id));
+  return true;
+end;
+$$;
+comment on function snapbase.remove_organization_member(bigint, bigint) is
+  'Leave an organization (your own user id), or remove a member (owners); their shares of its workbooks end too. An organization keeps at least one owner.';
+grant execute on function snapbase.remove_organization_member(bigint, bigint) to :ROLE_VIEWER;
