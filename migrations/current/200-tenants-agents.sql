@@ -814,3 +814,113 @@ $$;
 comment on function snapbase.remove_organization_member(bigint, bigint) is
   'Leave an organization (your own user id), or remove a member (owners); their shares of its workbooks end too. An organization keeps at least one owner.';
 grant execute on function snapbase.remove_organization_member(bigint, bigint) to :ROLE_VIEWER;
+
+--------------------------------------------------------------------------------
+-- Share links: frozen when made, never hidden or scratch columns
+--------------------------------------------------------------------------------
+
+alter table snapbase.share_links
+  add column if not exists filter text,
+  add column if not exists filter_columns jsonb,
+  add column if not exists columns text[];
+comment on column snapbase.share_links.filter is 'The table''s filter when the link was made "with the active filter" (null: every record); later filter changes do not reach the link.';
+comment on column snapbase.share_links.filter_columns is 'The columns (name and type) that filter reads, as when it was checked: a change of type stops the link rather than reinterpret it.';
+comment on column snapbase.share_links.columns is 'The columns the link shares: those neither hidden nor scratch when it was made. A column hidden later is left out too; one shown later is not added.';
+-- Links made before: frozen now, as they are at this moment.
+update snapbase.share_links l
+   set filter = case when l.use_filter then t.filter end,
+       filter_columns = case when l.use_filter then t.filter_columns end,
+       columns = array(select c from unnest(snapbase_private.column_names(t, true)) c where c <> all (t.hidden_columns))
+  from snapbase.workbook_tables t
+ where t.id = l.table_id and l.columns is null;
+alter table snapbase.share_links alter column columns set not null;
+
+create type snapbase.new_share_link as (
+  link_id bigint,
+  token text,
+  table_id bigint,
+  columns text[],
+  filter text,
+  expires_at timestamptz
+);
+comment on type snapbase.new_share_link is 'A share link just made: its id (to revoke it with) and its token, shown this once.';
+
+create function snapbase.create_share_link(table_id bigint, use_filter boolean default false, expires_at timestamptz default null)
+  returns snapbase.new_share_link
+  language plpgsql security definer set search_path = pg_catalog as $$
+declare
+  t snapbase.workbook_tables := snapbase_private.require_table(table_id, 'manage');
+  token text := 'sbs_' || snapbase_private.base64url(public.gen_random_bytes(32));
+  shared text[] := array(select c from unnest(snapbase_private.column_names(t, true)) c where c <> all (t.hidden_columns));
+  made snapbase.new_share_link;
+  link snapbase.share_links;
+begin
+  if expires_at is not null and expires_at <= now() then
+    raise exception 'expires_at must be in the future' using errcode = '22023';
+  end if;
+  if cardinality(shared) = 0 then
+    raise exception 'every column of workbook table % is hidden or scratch: a link would share nothing', t.id using errcode = '22023';
+  end if;
+  if coalesce(use_filter, false) and t.filter is not null then
+    perform snapbase_private.filter_clause(t);  -- refuses a filter that no longer fits its columns
+  end if;
+  insert into snapbase.share_links (table_id, use_filter, created_by, expires_at, filter, filter_columns, columns)
+    values (t.id, coalesce(use_filter, false), snapbase.current_user_id(), expires_at,
+            case when use_filter then t.filter end, case when use_filter then t.filter_columns end, shared)
+    returning * into link;
+  insert into snapbase_private.share_link_tokens (link_id, token_hash) values (link.id, public.digest(token, 'sha256'));
+  perform snapbase_private.audit_workbook('create_share_link', t.workbook_id, 'share_link', link.id::text, snapbase_private.table_rel(t),
+    jsonb_build_object('table_id', t.id, 'use_filter', link.use_filter, 'filter', link.filter, 'columns', link.columns, 'expires_at', expires_at));
+  made := row(link.id, token, t.id, link.columns, link.filter, link.expires_at);
+  return made;
+end;
+$$;
+comment on function snapbase.create_share_link(bigint, boolean, timestamptz) is
+  'A public CSV link to a workbook table (its owner only): the columns that are neither hidden nor scratch now, and with use_filter the active filter as it is now; neither follows later changes. Returns the link''s id and its token (shown once; only its hash is kept).';
+grant execute on function snapbase.create_share_link(bigint, boolean, timestamptz) to :ROLE_VIEWER;
+
+create function snapbase_private.shared_rows_query(t snapbase.workbook_tables, cols text[]) returns text
+  language sql stable set search_path = pg_catalog as $$
+  select format('select array[%s] from %s r where not r.__deleted and not r.__suggested_new and %s order by r.__id',
+    (select string_agg(format('r.%I::text', c), ', ') from unnest(cols) c),
+    snapbase_private.table_rel(t),
+    snapbase_private.filter_clause(t))
+$$;
+comment on function snapbase_private.shared_rows_query(snapbase.workbook_tables, text[]) is
+  'The query of a share link''s rows (text[] each): the given columns, %I-quoted, of the records that are neither deleted nor suggested, under t.filter (the link''s frozen filter, checked by filter_clause). Run by the filter reader.';
+
+create or replace function snapbase.shared_table_rows(token text) returns setof text[]
+  language plpgsql security definer set search_path = pg_catalog
+  set "DateStyle" = 'ISO, YMD' set "IntervalStyle" = 'postgres' set extra_float_digits = 3 set bytea_output = 'hex' as $$
+declare
+  link snapbase.share_links;
+  t snapbase.workbook_tables;
+  cols text[];
+begin
+  select l.* into link from snapbase_private.share_link_tokens k join snapbase.share_links l on l.id = k.link_id
+   where k.token_hash = public.digest(token, 'sha256')
+     and l.revoked_at is null and (l.expires_at is null or l.expires_at > now());
+  if link.id is null then
+    raise exception 'no such share link (it may have expired or been revoked)' using errcode = 'P0002';
+  end if;
+  select * into t from snapbase.workbook_tables where id = link.table_id;
+  -- The link's own filter, frozen when it was made; it must still read the same columns with the same types.
+  t.filter := link.filter;
+  t.filter_columns := link.filter_columns;
+  if t.filter is not null and (t.filter_columns is null or exists (
+       select 1 from jsonb_array_elements(t.filter_columns) c
+        where not exists (select 1 from snapbase_private.filter_parameters(t) p where p.name = c ->> 'name' and p.type = c ->> 'type'))) then
+    raise exception 'this share link''s filter no longer fits its table; its owner can make a new link' using errcode = '55000';
+  end if;
+  -- Its columns, less any hidden or made scratch since, in the table's order.
+  cols := array(select c from unnest(snapbase_private.column_names(t, true)) c where c = any (link.columns) and c <> all (t.hidden_columns));
+  if cardinality(cols) = 0 then
+    raise exception 'this share link''s columns are all hidden now; its owner can make a new link' using errcode = '55000';
+  end if;
+  update snapbase.share_links set last_used_at = now(), use_count = use_count + 1 where id = link.id;
+  perform snapbase_private.audit('share_link_access', 'share_link', link.id::text, snapbase_private.table_rel(t),
+    jsonb_build_object('workbook_id', t.workbook_id, 'table_id', t.id));
+  return next cols;
+  return query select * from snapbase_sandbox.read_text_rows(snapbase_private.shared_rows_query(t, cols), '{}');
+end;
+$$;
