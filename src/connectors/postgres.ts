@@ -15,12 +15,12 @@ import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
   asConnectorError,
-  hideSecret,
   isPlainError,
   messageOf,
   missingRecord,
   parseRowJson,
 } from "./values.ts";
+import { redactText, secretsOfConnectionString } from "../redact.ts";
 
 export interface PostgresCredentials {
   connectionString: string;
@@ -48,7 +48,8 @@ interface ResolvedTable {
 const quote = pg.escapeIdentifier;
 
 export function postgresConnector(credentials: PostgresCredentials): Connector {
-  const password = passwordIn(credentials.connectionString);
+  // Every secret of the connection string (user info, query string), hidden from every message.
+  const secrets = secretsOfConnectionString(credentials.connectionString);
   const pool = new pg.Pool({
     connectionString: credentials.connectionString,
     max: 2,
@@ -58,7 +59,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
   // An idle connection the server drops must not crash the process; the next query reports it.
   pool.on("error", () => {});
 
-  const describe = (error: unknown) => describeError(error, password);
+  const describe = (error: unknown) => describeError(error, secrets);
   /** Runs one public call, reporting any failure as a ConnectorError. */
   async function guard<T>(work: () => Promise<T>): Promise<T> {
     try {
@@ -341,17 +342,7 @@ function isConnectFailure(error: unknown): boolean {
   return NETWORK_ERROR_CODES.has(code) || /^(08|28)/.test(code) || code === "3D000";
 }
 
-function describeError(error: unknown, password: string | undefined): ConnectorError {
+function describeError(error: unknown, secrets: readonly string[]): ConnectorError {
   const message = `${isConnectFailure(error) ? "cannot connect to PostgreSQL" : "PostgreSQL"}: ${messageOf(error)}`;
-  return new ConnectorError(hideSecret(message, password), { transient: isTransient(error), cause: error });
-}
-
-/** The password in a URL or key=value connection string, to keep it out of messages. */
-function passwordIn(connectionString: string): string | undefined {
-  try {
-    const password = new URL(connectionString).password;
-    return password ? decodeURIComponent(password) : undefined;
-  } catch {
-    return /(?:^|\s)password\s*=\s*'?([^'\s]+)/.exec(connectionString)?.[1];
-  }
+  return new ConnectorError(redactText(message, secrets), { transient: isTransient(error), cause: error });
 }

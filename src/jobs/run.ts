@@ -10,6 +10,7 @@ import type pg from "pg";
 import { openConnector, type ConnectorKind } from "../connectors/index.ts";
 import { pinConnectorTarget } from "../connectors/targets.ts";
 import { ConnectorError, type Connector } from "../connectors/types.ts";
+import { redactText, secretsOfCredentials } from "../redact.ts";
 import { jobContext } from "./context.ts";
 
 export interface JobRow {
@@ -52,8 +53,11 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     return;
   }
   let settled = false;
+  // A job's message is shown to its users: no secret of the account's credentials in it, whatever raised it.
+  let secrets: string[] = [];
   const finish: JobScope["finish"] = async (state, result, error) => {
-    await sql("select snapbase_private.finish_job($1, $2, $3, $4)", [jobId, state, result === undefined ? null : JSON.stringify(result), error ?? null]);
+    await sql("select snapbase_private.finish_job($1, $2, $3, $4)",
+      [jobId, state, result === undefined ? null : JSON.stringify(result), error === undefined ? null : redactText(error, secrets)]);
     settled = true;
   };
 
@@ -68,6 +72,7 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     await finish("failed", undefined, "the connector account was deleted");
     return;
   }
+  secrets = secretsOfCredentials(account.credentials);
   let credentials: Record<string, unknown>;
   try {
     // Checked again now (the account was checked when stored): DNS and the rules may have changed.
@@ -86,7 +91,7 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     const message = error instanceof Error ? error.message : String(error);
     const lastAttempt = helpers.job.attempts >= helpers.job.max_attempts;
     if (error instanceof ConnectorError && error.transient && !lastAttempt) {
-      await sql("select snapbase_private.job_progress($1, null, null, $2)", [jobId, `retrying after: ${message}`]);
+      await sql("select snapbase_private.job_progress($1, null, null, $2)", [jobId, `retrying after: ${redactText(message, secrets)}`]);
       throw error;
     }
     if (!settled) await finish("failed", undefined, message);
