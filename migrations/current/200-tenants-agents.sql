@@ -23,24 +23,23 @@ set search_path = pg_catalog;
 --------------------------------------------------------------------------------
 
 drop function if exists snapbase.add_organization_member(bigint, text);
+-- The invitations table, after the functions of its row type; its policy's function after it.
 drop function if exists snapbase.invite_organization_member(bigint, text);
 drop function if exists snapbase.accept_organization_invitation(bigint);
 drop function if exists snapbase.decline_organization_invitation(bigint);
 drop function if exists snapbase.revoke_organization_invitation(bigint);
 drop function if exists snapbase.remove_organization_member(bigint, bigint);
 drop function if exists snapbase.organization_invitations_status(snapbase.organization_invitations);
-drop function if exists snapbase_private.require_organization(bigint, text);
-drop function if exists snapbase_private.invitation_visible(bigint, text);
-drop function if exists snapbase_private.current_user_email();
 drop function if exists snapbase_private.my_invitation(bigint);
 drop table if exists snapbase.organization_invitations;
+drop function if exists snapbase_private.invitation_visible(bigint, text);
+drop function if exists snapbase_private.require_organization(bigint, text);
+drop function if exists snapbase_private.current_user_email();
 drop function if exists snapbase.create_share_link(bigint, boolean, timestamptz);
 drop type if exists snapbase.new_share_link;
 drop function if exists snapbase_private.shared_rows_query(snapbase.workbook_tables, text[]);
-drop function if exists snapbase_private.table_visible(bigint, boolean);
-drop function if exists snapbase_private.job_visible(bigint, bigint, bigint);
-drop function if exists snapbase_private.hidden_from_caller(snapbase.workbook_tables);
 drop function if exists snapbase_private.refuse_hidden_columns(snapbase.workbook_tables, jsonb);
+-- (table_visible and job_visible are in row-level security policies: replaced, never dropped.)
 
 --------------------------------------------------------------------------------
 -- Who may see a workbook, a table, a job
@@ -68,7 +67,7 @@ $$;
 comment on function snapbase_private.workbook_access(bigint) is
   'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). An agent token has access to its own workbook only while the user who made it may still edit it.';
 
-create function snapbase_private.table_visible(workbook_id bigint, hidden boolean) returns boolean
+create or replace function snapbase_private.table_visible(workbook_id bigint, hidden boolean) returns boolean
   language sql stable security definer set search_path = pg_catalog as $$
   select x.access is not null and (x.access <> 'agent' or not coalesce(hidden, false))
     from (select snapbase_private.workbook_access(workbook_id) as access) x
@@ -77,7 +76,7 @@ comment on function snapbase_private.table_visible(bigint, boolean) is
   'May the caller see a workbook table (of this workbook, hidden or not)? Never NULL: false without access, and false for an agent when the table is hidden. Used by require_table and row-level security alike.';
 grant execute on function snapbase_private.table_visible(bigint, boolean) to :ROLE_VIEWER, :ROLE_AGENT;
 
-create function snapbase_private.job_visible(workbook_id bigint, table_id bigint, created_by bigint) returns boolean
+create or replace function snapbase_private.job_visible(workbook_id bigint, table_id bigint, created_by bigint) returns boolean
   language sql stable security definer set search_path = pg_catalog as $$
   select case
     when workbook_id is null then
@@ -122,7 +121,7 @@ $$;
 comment on function snapbase_private.require_table(bigint, text) is
   'The workbook table, when the caller has `need` access to it; "no workbook table N" alike for a missing id, another tenant''s table and (for an agent) a hidden one.';
 
-create function snapbase_private.hidden_from_caller(t snapbase.workbook_tables) returns text[]
+create or replace function snapbase_private.hidden_from_caller(t snapbase.workbook_tables) returns text[]
   language sql stable set search_path = pg_catalog as $$
   select case when snapbase.current_app_role() = 'agent'
     then t.hidden_columns || case when t.remote_id_column = any (t.hidden_columns) then array['__remote_id'] else '{}'::text[] end
