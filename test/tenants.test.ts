@@ -346,6 +346,36 @@ describe("organization invitations", () => {
   });
 });
 
+describe("leaving an organization", () => {
+  it("a member may leave, an owner may remove a member, and their workbook shares end with their membership", async () => {
+    const host = await world("editor", "host5");
+    const [member, other] = await Promise.all([createUser("editor", "member"), createUser("editor", "other-member")]);
+    const [hostToken, memberToken, otherToken] = await Promise.all([tokenFor(host.user), tokenFor(member), tokenFor(other)]);
+    const gqlAs = async (token: string, query: string, variables: Record<string, unknown> = {}) => (await graphql(server.url, query, variables, token)).body as any;
+    const org = host.ids.organization;
+    for (const [u, token] of [[member, memberToken], [other, otherToken]] as const) {
+      const inv = (await gqlAs(hostToken, `mutation($o: BigInt!, $e: String!) { inviteOrganizationMember(input: { organizationId: $o, email: $e }) { result { rowId } } }`, { o: org, e: u.email }))
+        .data.inviteOrganizationMember.result.rowId;
+      await gqlAs(token, `mutation($i: BigInt!) { acceptOrganizationInvitation(input: { invitationId: $i }) { clientMutationId } }`, { i: inv });
+      await gqlAs(hostToken, `mutation($w: BigInt!, $e: String!) { shareWorkbook(input: { workbookId: $w, email: $e, access: editor }) { clientMutationId } }`, { w: host.ids.workbook, e: u.email });
+    }
+    const REMOVE = `mutation($o: BigInt!, $u: BigInt!) { removeOrganizationMember(input: { organizationId: $o, userId: $u }) { result } }`;
+    const READ = `query($t: BigInt!) { workbookRecordCounts(tableId: $t) { total } }`;
+    expect((await gqlAs(memberToken, READ, { t: host.ids.table })).errors).toBeUndefined();
+    // Members who are not owners may not remove others; the last owner may not leave.
+    expect((await gqlAs(memberToken, REMOVE, { o: org, u: other.id })).errors?.[0]?.extensions?.code).toBe("42501");
+    expect((await gqlAs(hostToken, REMOVE, { o: org, u: host.user.id })).errors?.[0]).toMatchObject({ message: `organization ${org} would have no owner left`, extensions: { code: "55000" } });
+    // Leaving, and being removed: the shares go too.
+    expect((await gqlAs(memberToken, REMOVE, { o: org, u: member.id })).data.removeOrganizationMember.result).toBe(true);
+    expect((await gqlAs(hostToken, REMOVE, { o: org, u: other.id })).data.removeOrganizationMember.result).toBe(true);
+    for (const token of [memberToken, otherToken]) {
+      expect((await gqlAs(token, READ, { t: host.ids.table })).errors?.[0]?.message).toBe(`no workbook table ${host.ids.table}`);
+    }
+    expect((await owner().query("select count(*)::int as n from snapbase.workbook_members where workbook_id = $1", [host.ids.workbook])).rows[0].n).toBe(0);
+    expect((await owner().query("select user_id::text from snapbase.organization_members where organization_id = $1", [org])).rows).toEqual([{ user_id: host.user.id }]);
+  });
+});
+
 describe("structured edits to a managed table the editor may not read", () => {
   it("are refused alike on both paths, naming none of its columns", async () => {
     const schema = `tn_${Date.now().toString(36)}`;
