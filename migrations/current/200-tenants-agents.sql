@@ -15,8 +15,7 @@
 -- * Share links keep the filter and the columns they were made with (never hidden
 --   or scratch ones), and create_share_link returns the link's id with its token.
 -- Idempotent while in migrations/current/: replaced signatures are dropped first.
-
-set search_path = pg_catalog;
+-- Every name is qualified; every function sets search_path = pg_catalog.
 
 --------------------------------------------------------------------------------
 -- Drop what this file creates, and what it replaces with another signature
