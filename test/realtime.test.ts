@@ -208,10 +208,14 @@ describe("GraphQL subscriptions (graphql-ws)", () => {
     await live(inbox, `workbook:${wb}`);
     await gql(`mutation($t: BigInt!) { createRecord(input: { tableId: $t, values: { x: "private" } }) { clientMutationId } }`, { t: hidden });
     await gql(`mutation($t: BigInt!) { updateRecord(input: { tableId: $t, recordId: "1", values: { qty: 3 } }) { clientMutationId } }`, { t });
-    await inbox.until((items) => items.some((e) => e?.action === "edited"));
-    // Events arrive in order, so the hidden table's event (before the edit) was left out, not delayed.
+    // Removing tables: the agent hears of the one it could see, not of the hidden one.
+    await gql(`mutation($t: BigInt!) { removeWorkbookTable(input: { tableId: $t }) { clientMutationId } }`, { t: hidden });
+    await gql(`mutation($t: BigInt!) { removeWorkbookTable(input: { tableId: $t }) { clientMutationId } }`, { t });
+    await inbox.until((items) => items.some((e) => e?.kind === "table_removed"));
+    // Events arrive in order, so the hidden table's events (before the others) were left out, not delayed.
     expect(inbox.items.every((e) => e !== null)).toBe(true);
-    expect(received(inbox.items).map((e) => [e.kind, e.action, e.table_id])).toEqual([["records", "edited", Number(t)]]);
+    expect(received(inbox.items).map((e) => [e.kind, e.action ?? null, e.table_id, e.hidden])).toEqual([
+      ["records", "edited", Number(t), undefined], ["table_removed", null, Number(t), undefined]]);
   });
 });
 

@@ -564,14 +564,16 @@ begin
     else
       perform snapbase_private.require_account(split_part(topic, ':', 2)::bigint);
     end if;
-    -- An event about a table is shown to an agent only while that table exists and is not hidden.
+    -- An event about a table is shown to an agent only while that table exists and is
+    -- not hidden, or when it says a table the agent could see was removed.
     return query
-      select jsonb_build_object('id', e.id, 'topic', e.topic, 'kind', e.kind) || e.payload
+      select jsonb_build_object('id', e.id, 'topic', e.topic, 'kind', e.kind) || (e.payload - 'hidden')
         from snapbase_private.events e
        where e.topic = visible_events.topic and e.id > coalesce(after_id, 0)
          and (e.payload ->> 'table_id' is null or snapbase.current_app_role() is distinct from 'agent'
               or exists (select 1 from snapbase.workbook_tables wt
-                          where wt.id = (e.payload ->> 'table_id')::bigint and not wt.hidden))
+                          where wt.id = (e.payload ->> 'table_id')::bigint and not wt.hidden)
+              or (e.kind = 'table_removed' and e.payload -> 'hidden' = 'false'::jsonb))
        order by e.id limit max_events;
   elsif topic ~ '^(workbook|account):\d+$' then
     -- An id too large to exist: the same answer as any other missing one.
@@ -580,6 +582,24 @@ begin
   else
     raise exception 'topic must be changes, workbook:<id> or account:<id> (got %)', topic using errcode = '22023';
   end if;
+end;
+$$;
+
+-- A removed table's event says whether it was hidden, so that agents hear of the
+-- removal of a table they could see, and of no other (the flag is not shown).
+create or replace function snapbase_private.tg__table_settings_event() returns trigger
+  language plpgsql security definer set search_path = pg_catalog as $$
+begin
+  if tg_op = 'DELETE' then
+    -- Gone with its workbook: nobody is left to tell.
+    if exists (select 1 from snapbase.workbooks where id = old.workbook_id) then
+      perform snapbase_private.emit('workbook:' || old.workbook_id, 'table_removed', jsonb_build_object('table_id', old.id, 'hidden', old.hidden));
+    end if;
+  else
+    perform snapbase_private.emit('workbook:' || new.workbook_id,
+      case when tg_op = 'INSERT' then 'table_added' else 'table_settings_changed' end, jsonb_build_object('table_id', new.id));
+  end if;
+  return null;
 end;
 $$;
 
