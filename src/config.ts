@@ -2,6 +2,7 @@
 // at once so a misconfigured deployment fails at start with every problem listed.
 import { isIP } from "node:net";
 import path from "node:path";
+import { maskConnectionString } from "./redact.ts";
 
 export type Environment = "development" | "production" | "test";
 
@@ -175,7 +176,7 @@ function parseDbUrl(name: string, raw: string | undefined, problems: string[]): 
     }
     return raw;
   } catch {
-    problems.push(`${name} is not a postgres:// URL (got ${JSON.stringify(raw.replace(/:[^:@/]*@/, ":***@"))})`);
+    problems.push(`${name} is not a postgres:// URL (got ${JSON.stringify(maskConnectionString(raw))})`);
     return undefined;
   }
 }

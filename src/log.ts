@@ -1,4 +1,7 @@
 // Structured logs: one JSON object per line on stdout, so any collector can parse them.
+// Connection strings and password parameters are masked in every message and field.
+import { redactDeep, redactText } from "./redact.ts";
+
 type Level = "debug" | "info" | "warn" | "error";
 const order: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 };
 let threshold: number = order[(process.env.LOG_LEVEL as Level) ?? "info"] ?? order.info;
@@ -10,7 +13,7 @@ export function setLogLevel(level: Level | "silent"): void {
 
 function write(level: Level, msg: string, fields?: Record<string, unknown>): void {
   if (order[level] < threshold) return;
-  const line = JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields });
+  const line = JSON.stringify({ time: new Date().toISOString(), level, msg: redactText(msg), ...(fields ? (redactDeep(fields) as Record<string, unknown>) : {}) });
   (level === "error" || level === "warn" ? process.stderr : process.stdout).write(line + "\n");
 }
 

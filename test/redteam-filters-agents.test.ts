@@ -74,6 +74,27 @@ describe("a stored filter means what was checked, in every session", () => {
   });
 });
 
+describe("agents never see hidden columns or tables anywhere", () => {
+  it("an agent token cannot read a hidden table's rows, nor hidden column names through allWorkbookTables", async () => {
+    const wb = (await gql(tokens.alice!, `mutation { createWorkbook(input: { name: "Agent's" }) { result { rowId } } }`)).data.createWorkbook.result.rowId;
+    const add = async (name: string) => (await gql(tokens.alice!, `mutation($w: BigInt!, $n: String!, $c: JSON!) { addWorkbookTable(input: { workbookId: $w, name: $n, columns: $c }) { result { rowId } } }`,
+      { w: wb, n: name, c: [{ name: "id", type: "integer" }, { name: "name", type: "text" }, { name: "salary_band", type: "text" }] })).data.addWorkbookTable.result.rowId;
+    const visible = await add("Visible");
+    const hiddenTable = await add("Hidden payroll");
+    await owner().query(`insert into ${await relOf(hiddenTable)} (id, name, salary_band) values (1, '${SECRET}-hidden-table', 'x')`);
+    await gql(tokens.alice!, `mutation($t: BigInt!) { updateTableSettings(input: { tableId: $t, hiddenColumns: ["salary_band"] }) { clientMutationId } }`, { t: visible });
+    await gql(tokens.alice!, `mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "salary_band = 'exec'" }) { clientMutationId } }`, { t: visible });
+    await gql(tokens.alice!, `mutation($t: BigInt!) { setWorkbookTableHidden(input: { tableId: $t, hidden: true }) { clientMutationId } }`, { t: hiddenTable });
+    const agent = (await gql(tokens.alice!, `mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "bot" }) { result } }`, { w: wb })).data.createAgentToken.result;
+
+    const rows = await gql(agent, `query($t: BigInt!) { workbookRecords(tableId: $t) }`, { t: hiddenTable });
+    const tables = await gql(agent, `{ allWorkbookTables { nodes { rowId name hidden columns hiddenColumns filter filterColumns } } }`);
+    expect.soft(JSON.stringify(rows), "the agent read a hidden table's records").not.toContain(`${SECRET}-hidden-table`);
+    expect.soft(JSON.stringify(tables), "the agent saw a hidden column's name (columns, hiddenColumns, filter, filterColumns)").not.toContain("salary_band");
+    expect.soft(JSON.stringify(tables), "the agent saw the hidden table").not.toContain("Hidden payroll");
+  });
+});
+
 describe("the whole chain, over HTTP only", () => {
   it("an approved change cannot turn standard_conforming_strings off on a pooled connection (and so read another organization's workbook)", async () => {
     // Mallory submits change SQL whose set_config call is hidden from the tree reader by

@@ -697,15 +697,3 @@ alter function snapbase_sandbox.read_text_rows(text, text[]) set standard_confor
 alter function snapbase_sandbox.read_ids(text, text[]) set standard_conforming_strings = on;
 alter function snapbase_sandbox.run_change(text, text) set standard_conforming_strings = on;
 
--- Temporary objects come last in every SECURITY DEFINER function's search path (if
--- pg_temp is not named, PostgreSQL searches it first for relations and types).
-do $$
-declare
-  f regprocedure;
-begin
-  for f in select p.oid::regprocedure from pg_proc p
-            where p.prosecdef and p.pronamespace in ('snapbase'::regnamespace, 'snapbase_private'::regnamespace, 'snapbase_sandbox'::regnamespace)
-              and 'search_path=pg_catalog' = any (p.proconfig) loop
-    execute format('alter function %s set search_path = pg_catalog, pg_temp', f);
-  end loop;
-end $$;

@@ -352,11 +352,24 @@ declare
   j snapbase.jobs;
   g record;
   now_ boolean;
+  access text;
 begin
   select * into j from snapbase.jobs where id = job_id;
-  if j.id is null or not ((j.workbook_id is not null and snapbase_private.workbook_access(j.workbook_id) in ('owner', 'editor'))
-                          or (j.workbook_id is null and j.created_by = snapbase.current_user_id())) then
+  -- Another tenant's job is "no job N", as a missing one: workbook_access is NULL
+  -- for an outsider, so every test here is NULL-proof (a NULL condition skips an IF).
+  if j.workbook_id is not null then
+    access := snapbase_private.workbook_access(j.workbook_id);
+  elsif snapbase.current_app_role() is distinct from 'agent'
+        and ((j.created_by is not distinct from snapbase.current_user_id() and snapbase.current_user_id() is not null)
+             or (snapbase.current_user_id() is null and snapbase.current_app_role() is not distinct from 'admin')) then
+    access := 'owner';
+  end if;
+  if j.id is null or access is null or (j.table_id is not null and not exists (
+       select 1 from snapbase.workbook_tables t where t.id = j.table_id and snapbase_private.table_visible(t.workbook_id, t.hidden))) then
     raise exception 'no job %', job_id using errcode = 'P0002';
+  end if;
+  if access not in ('owner', 'editor') then
+    raise exception 'cancelling job % needs edit access to workbook % (you have % access)', job_id, j.workbook_id, access using errcode = '42501';
   end if;
   if j.state not in ('queued', 'running') then
     raise exception 'job % is %, not queued or running', job_id, j.state using errcode = '55000';

@@ -18,7 +18,6 @@ import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
   asConnectorError,
-  hideSecret,
   isPlainError,
   messageOf,
   missingRecord,
@@ -26,6 +25,7 @@ import {
   pause,
 } from "./values.ts";
 import { log } from "../log.ts";
+import { redactText } from "../redact.ts";
 
 export interface MysqlCredentials {
   host: string;
@@ -448,5 +448,5 @@ function describeError(error: unknown, credentials: MysqlCredentials): Connector
   const where = `${credentials.host}:${credentials.port ?? 3306}`;
   const connecting = code === undefined ? isPlainError(error) : TRANSIENT_CODES.has(code) || PERMANENT_CONNECT_CODES.has(code);
   const message = `${connecting ? `cannot connect to MySQL at ${where}` : "MySQL"}: ${messageOf(error)}`;
-  return new ConnectorError(hideSecret(message, credentials.password), { transient: isTransient(error), cause: error });
+  return new ConnectorError(redactText(message, credentials.password ? [credentials.password] : []), { transient: isTransient(error), cause: error });
 }

@@ -18,13 +18,13 @@ import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
   asConnectorError,
-  hideSecret,
   isPlainError,
   messageOf,
   missingRecord,
   parseRowJson,
   postgresWriteStatus,
 } from "./values.ts";
+import { redactText, secretsOfConnectionString } from "../redact.ts";
 
 export interface PostgresCredentials {
   connectionString: string;
@@ -54,7 +54,8 @@ interface ResolvedTable {
 const quote = pg.escapeIdentifier;
 
 export function postgresConnector(credentials: PostgresCredentials): Connector {
-  const password = passwordIn(credentials.connectionString);
+  // Every secret of the connection string (user info, query string), hidden from every message.
+  const secrets = secretsOfConnectionString(credentials.connectionString);
   // A connection the source drops (idle or in use) must not crash the process; the next query reports it.
   // Managed tables are read as the job's creator (the role is set for the whole session).
   const pool = createPool({
@@ -66,7 +67,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
     ...(credentials.managedAs ? { sessionSettings: { role: credentials.managedAs } } : {}),
   });
 
-  const describe = (error: unknown) => describeError(error, password);
+  const describe = (error: unknown) => describeError(error, secrets);
   /** Runs one public call, reporting any failure as a ConnectorError. */
   async function guard<T>(work: () => Promise<T>): Promise<T> {
     try {
@@ -373,22 +374,12 @@ export function postgresClientConfig(connectionString: string, address?: string)
   };
 }
 
-/** A failure talking to a PostgreSQL source, as a ConnectorError without the password. */
-export function describePostgresError(error: unknown, password: string | undefined): ConnectorError {
-  return describeError(error, password);
+/** A failure talking to a PostgreSQL source, as a ConnectorError without its connection string's secrets. */
+export function describePostgresError(error: unknown, connectionString: string): ConnectorError {
+  return describeError(error, secretsOfConnectionString(connectionString));
 }
 
-function describeError(error: unknown, password: string | undefined): ConnectorError {
+function describeError(error: unknown, secrets: readonly string[]): ConnectorError {
   const message = `${isConnectFailure(error) ? "cannot connect to PostgreSQL" : "PostgreSQL"}: ${messageOf(error)}`;
-  return new ConnectorError(hideSecret(message, password), { transient: isTransient(error), cause: error });
-}
-
-/** The password in a URL or key=value connection string, to keep it out of messages. */
-function passwordIn(connectionString: string): string | undefined {
-  try {
-    const password = new URL(connectionString).password;
-    return password ? decodeURIComponent(password) : undefined;
-  } catch {
-    return /(?:^|\s)password\s*=\s*'?([^'\s]+)/.exec(connectionString)?.[1];
-  }
+  return new ConnectorError(redactText(message, secrets), { transient: isTransient(error), cause: error });
 }

@@ -40,7 +40,7 @@ async function checkedAddress(host: string, sql: Sql): Promise<string> {
   return addresses[0]!;
 }
 
-async function refuseOwnDatabase(config: pg.ClientConfig, sql: Sql): Promise<void> {
+async function refuseOwnDatabase(connectionString: string, config: pg.ClientConfig, sql: Sql): Promise<void> {
   const [own] = await sql<{ id: string | null }>("select snapbase_private.setting('installation_id') as id");
   if (!own?.id) throw refuse("this installation has no marker to recognise its own database by; run the migrations");
   const pool = createPool({ name: "own database check", clientConfig: { ...config, connectionTimeoutMillis: 10_000 }, max: 1, quiet: true });
@@ -57,7 +57,7 @@ async function refuseOwnDatabase(config: pg.ClientConfig, sql: Sql): Promise<voi
     if (error instanceof ConnectorError) throw error;
     // Fail closed: a target we cannot check is not connected to. A connection that
     // fails is reported as the connector would report it (wrong credentials are final).
-    const described = describePostgresError(error, typeof config.password === "string" ? config.password : undefined);
+    const described = describePostgresError(error, connectionString);
     throw new ConnectorError(isConnectFailure(error) ? described.message : `cannot check that the target is not Snapbase's own database: ${described.message}`,
       { transient: described.transient });
   } finally {
@@ -79,6 +79,6 @@ export async function pinConnectorTarget(kind: ConnectorKind, credentials: Recor
   const forbidden = FORBIDDEN_SETTINGS.filter((k) => parsed[k] !== undefined && parsed[k] !== null && parsed[k] !== "");
   if (forbidden.length) throw refuse(`connection strings may not set ${forbidden.join(", ")}`);
   const address = await checkedAddress(parsed.host ?? "", sql);
-  await refuseOwnDatabase(postgresClientConfig(connectionString, address), sql);
+  await refuseOwnDatabase(connectionString, postgresClientConfig(connectionString, address), sql);
   return { ...credentials, address };
 }

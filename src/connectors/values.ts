@@ -1,5 +1,5 @@
 // Helpers shared by the database connectors: per-record writes with savepoints,
-// error text without secrets, and JSON parsing that keeps wide numbers exact.
+// and JSON parsing that keeps wide numbers exact.
 import { ConnectorError, type RecordOutcome, type WriteReceipt, type WriteStatus } from "./types.ts";
 
 /** Node's network error codes: the host is down, unreachable or dropped us; worth retrying. */
@@ -24,11 +24,6 @@ export function messageOf(error: unknown): string {
  */
 export const isPlainError = (error: unknown): boolean =>
   error instanceof AggregateError || (error instanceof Error && error.constructor === Error);
-
-/** Replaces the password wherever it appears, so it never reaches logs or the UI. */
-export function hideSecret(text: string, secret: string | undefined): string {
-  return secret ? text.split(secret).join("***") : text;
-}
 
 /** Waits `ms`, or less if the signal aborts. */
 export const pause = (ms: number, signal?: AbortSignal): Promise<void> =>

@@ -74,7 +74,7 @@ export class SnapbasePool extends pg.Pool {
       max: opts.max ?? 10,
       connectionTimeoutMillis: opts.connectionTimeoutMillis,
       idleTimeoutMillis: opts.idleTimeoutMillis ?? 30_000,
-      options: startupOptions(opts.sessionSettings),
+      ...(opts.sessionSettings ? { options: startupOptions(opts.sessionSettings) } : {}),
     } as pg.PoolConfig);
     this.poolName = opts.name;
     this.resetOnRelease = opts.resetOnRelease ?? false;

@@ -18,6 +18,7 @@ import { openConnector, type ConnectorKind } from "../connectors/index.ts";
 import { pinConnectorTarget } from "../connectors/targets.ts";
 import { ConnectorError, type Connector } from "../connectors/types.ts";
 import { isDatabaseUnavailable } from "../db/pools.ts";
+import { redactText, secretsOfCredentials } from "../redact.ts";
 import { jobContext } from "./context.ts";
 
 export interface JobRow {
@@ -112,8 +113,11 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     return;
   }
   let settled = false;
+  // A job's message is shown to its users: no secret of the account's credentials in it, whatever raised it.
+  let secrets: string[] = [];
   const finish: JobScope["finish"] = async (state, result, error) => {
-    await sql("select snapbase_private.finish_job($1, $2, $3, $4)", [jobId, state, result === undefined ? null : JSON.stringify(result), error ?? null]);
+    await sql("select snapbase_private.finish_job($1, $2, $3, $4)",
+      [jobId, state, result === undefined ? null : JSON.stringify(result), error === undefined ? null : redactText(error, secrets)]);
     settled = true;
   };
 
@@ -128,6 +132,7 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     await finish("failed", undefined, "the connector account was deleted");
     return;
   }
+  secrets = secretsOfCredentials(account.credentials);
   let connector: Connector | undefined;
   try {
     // The target is checked again now (it was when the account was stored): DNS and the rules may have changed.
@@ -144,7 +149,7 @@ export async function runJob(payload: unknown, helpers: JobHelpers, work: (scope
     const lastAttempt = helpers.job.attempts >= helpers.job.max_attempts;
     const transient = (error instanceof ConnectorError && error.transient) || ownDatabaseLost(error) || error instanceof WorkerStoppingError;
     if (transient && !lastAttempt) {
-      await sql("select snapbase_private.job_progress($1, null, null, $2)", [jobId, `retrying after: ${message}`]).catch(() => {});
+      await sql("select snapbase_private.job_progress($1, null, null, $2)", [jobId, `retrying after: ${redactText(message, secrets)}`]).catch(() => {});
       throw error;
     }
     if (!settled) await finish("failed", undefined, message);
