@@ -395,3 +395,155 @@ end;
 $$;
 comment on function snapbase_private.edits_to_sql(regclass, jsonb) is
   'Structured edits ({"insert", "update", "delete"}) as one MERGE keyed by the primary key: omitted insert columns take their defaults, identity values given are kept, generated and identity-always columns cannot be set.';
+
+--------------------------------------------------------------------------------
+-- What a managed table needs, said when it is registered
+--------------------------------------------------------------------------------
+-- Approval runs the change as the change runner, which Snapbase's owner grants the
+-- table (and its sequences, and USAGE on its schema) for that transaction only: so
+-- the owner must hold those WITH GRANT OPTION. Restores and snapshots run as the
+-- owner. Submitters (editors) and those who see change requests and snapshots
+-- (viewers) must be able to read the table. Row-level security would hide rows
+-- from the runner and the owner unless a policy lets them through.
+-- registration_problems lists the statements still to run (as the table's owner or
+-- a superuser); register_table reports them as a WARNING, managed tables show them
+-- as missing_grants (GraphQL: missingGrants), and grant_change_control runs them.
+
+drop function if exists snapbase_private.registration_problems(regclass);
+drop function if exists snapbase_private.warn_registration_problems(regclass);
+drop function if exists snapbase.managed_tables_missing_grants(snapbase.managed_tables);
+drop function if exists snapbase.grant_change_control(regclass);
+
+create function snapbase_private.registration_problems(target regclass) returns text[]
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+declare
+  owner_role constant name := ':DATABASE_OWNER';
+  runner constant name := ':ROLE_CHANGE_RUNNER';
+  viewer constant name := ':ROLE_VIEWER';
+  rel record;
+  missing text[];
+  seq record;
+  statements text[] := '{}';
+  policy_roles text[];
+begin
+  select c.oid, c.relrowsecurity, c.relforcerowsecurity, c.relowner, n.oid as nsp, quote_ident(n.nspname) as schema_sql,
+         format('%I.%I', n.nspname, c.relname) as table_sql
+    into rel
+    from pg_class c join pg_namespace n on n.oid = c.relnamespace where c.oid = target;
+  if rel.oid is null then
+    return statements;
+  end if;
+  -- Snapbase's owner: USAGE on the schema (to name the table, and pass it on to the runner).
+  if not has_schema_privilege(owner_role, rel.nsp, 'USAGE WITH GRANT OPTION') then
+    statements := statements || format('GRANT USAGE ON SCHEMA %s TO %I WITH GRANT OPTION;', rel.schema_sql, owner_role);
+  end if;
+  -- The table's rows, to pass on to the runner and to snapshot and restore.
+  missing := array(select p from unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p
+                    where not has_table_privilege(owner_role, rel.oid, p || ' WITH GRANT OPTION'));
+  if cardinality(missing) > 0 then
+    statements := statements || format('GRANT %s ON TABLE %s TO %I WITH GRANT OPTION;', array_to_string(missing, ', '), rel.table_sql, owner_role);
+  end if;
+  -- Its identity and serial sequences: nextval for the runner, setval for restores.
+  for seq in
+    select format('%I.%I', sn.nspname, s.relname) as seq_sql, s.oid
+      from pg_depend d
+      join pg_class s on s.oid = d.objid and s.relkind = 'S'
+      join pg_namespace sn on sn.oid = s.relnamespace
+     where d.classid = 'pg_class'::regclass and d.refclassid = 'pg_class'::regclass and d.refobjid = rel.oid and d.deptype in ('a', 'i')
+     order by s.relname
+  loop
+    missing := array(select p from unnest(array['USAGE', 'SELECT', 'UPDATE']) p
+                      where not has_sequence_privilege(owner_role, seq.oid, p || ' WITH GRANT OPTION'));
+    if cardinality(missing) > 0 then
+      statements := statements || format('GRANT %s ON SEQUENCE %s TO %I WITH GRANT OPTION;', array_to_string(missing, ', '), seq.seq_sql, owner_role);
+    end if;
+  end loop;
+  -- Viewers (so editors and admins): the submitter must read the table, and change
+  -- requests and snapshots are shown to those who may read it.
+  if not has_schema_privilege(viewer, rel.nsp, 'USAGE') then
+    statements := statements || format('GRANT USAGE ON SCHEMA %s TO %I;', rel.schema_sql, viewer);
+  end if;
+  if not has_any_column_privilege(viewer, rel.oid, 'SELECT') then
+    statements := statements || format('GRANT SELECT ON TABLE %s TO %I;', rel.table_sql, viewer);
+  end if;
+  -- Row-level security applies to the runner always, and to the owner unless it owns
+  -- the table (and security is not forced) or bypasses it.
+  if rel.relrowsecurity then
+    policy_roles := array_remove(array[
+      case when not ((rel.relowner = to_regrole(owner_role) and not rel.relforcerowsecurity)
+                     or (select r.rolbypassrls or r.rolsuper from pg_roles r where r.rolname = owner_role))
+                and not exists (select 1 from pg_policy p where p.polrelid = rel.oid and p.polpermissive and p.polcmd = '*'
+                                   and (0 = any (p.polroles) or to_regrole(owner_role) = any (p.polroles)))
+           then quote_ident(owner_role) end,
+      case when not exists (select 1 from pg_policy p where p.polrelid = rel.oid and p.polpermissive and p.polcmd = '*'
+                               and (0 = any (p.polroles) or to_regrole(runner) = any (p.polroles)))
+           then quote_ident(runner) end], null);
+    if cardinality(policy_roles) > 0 then
+      statements := statements || format('CREATE POLICY snapbase_change_control ON %s TO %s USING (true) WITH CHECK (true);',
+        rel.table_sql, array_to_string(policy_roles, ', '));
+    end if;
+  end if;
+  return statements;
+end;
+$$;
+comment on function snapbase_private.registration_problems(regclass) is
+  'The statements (GRANT, CREATE POLICY) a managed table still needs before changes to it can be approved, snapshotted and restored, and read by submitters; empty when it needs none.';
+grant execute on function snapbase_private.registration_problems(regclass) to :ROLE_VIEWER;
+
+-- For register_table: a WARNING (psql shows it) listing what is still needed.
+create function snapbase_private.warn_registration_problems(target regclass) returns text[]
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+declare
+  statements text[] := snapbase_private.registration_problems(target);
+begin
+  if cardinality(statements) > 0 then
+    raise warning '% is under change control, but changes to it will fail until these are run (as its owner or a superuser): %',
+      target, array_to_string(statements, ' ')
+      using errcode = '01007', hint = format('Or run: select snapbase.grant_change_control(%L);', target::text);
+  end if;
+  return statements;
+end;
+$$;
+comment on function snapbase_private.warn_registration_problems(regclass) is
+  'Raises a WARNING listing the GRANTs a managed table still needs (registration_problems); register_table calls it.';
+grant execute on function snapbase_private.warn_registration_problems(regclass) to :ROLE_VIEWER;
+
+create function snapbase.managed_tables_missing_grants(mt snapbase.managed_tables) returns text[]
+language sql stable
+set search_path = pg_catalog
+as $$
+  select coalesce(snapbase_private.registration_problems(snapbase_private.relation_of(mt)), '{}')
+$$;
+comment on function snapbase.managed_tables_missing_grants(snapbase.managed_tables) is
+  'Statements (GRANT, CREATE POLICY) still to run, as the table''s owner or a superuser, before changes to this table can be approved and restored; empty when none.';
+grant execute on function snapbase.managed_tables_missing_grants(snapbase.managed_tables) to :ROLE_VIEWER;
+
+-- For the DBA in psql: runs those statements with the caller's own rights (it runs
+-- as the caller, so it can grant only what the caller may grant).
+create function snapbase.grant_change_control(target regclass) returns text[]
+language plpgsql
+set search_path = pg_catalog
+as $$
+declare
+  statements text[] := snapbase_private.registration_problems(target);
+  statement text;
+  still text[];
+begin
+  foreach statement in array statements loop
+    execute statement;
+  end loop;
+  still := snapbase_private.registration_problems(target);
+  if cardinality(still) > 0 then
+    raise exception 'you may not grant everything % needs; run these as its owner or a superuser: %', target, array_to_string(still, ' ')
+      using errcode = '42501';
+  end if;
+  return statements;
+end;
+$$;
+comment on function snapbase.grant_change_control(regclass) is
+  E'@behavior -*\nRuns, as the caller (a DBA who owns the table, or a superuser), the GRANTs and policy a managed table needs (snapbase_private.registration_problems). Returns what it ran.';
+grant execute on function snapbase.grant_change_control(regclass) to :ROLE_ADMIN;
