@@ -10,13 +10,18 @@ import { createUser, db, owner, type TestUser } from "./helpers.ts";
 
 let admin: TestUser, editor: TestUser;
 
+interface Notice {
+  severity?: string;
+  message?: string;
+}
+
 async function q(sql: string, params: unknown[] = []) {
   return (await owner().query(sql, params)).rows;
 }
 
 /** A committed session as a Snapbase user, collecting every notice and warning it receives. */
-async function connectAs(user: TestUser): Promise<pg.Client & { notices: pg.NoticeMessage[] }> {
-  const c = new pg.Client({ connectionString: db.authenticatorUrl }) as pg.Client & { notices: pg.NoticeMessage[] };
+async function connectAs(user: TestUser): Promise<pg.Client & { notices: Notice[] }> {
+  const c = new pg.Client({ connectionString: db.authenticatorUrl }) as pg.Client & { notices: Notice[] };
   c.notices = [];
   c.on("notice", (n) => c.notices.push(n));
   await c.connect();
@@ -27,7 +32,7 @@ async function connectAs(user: TestUser): Promise<pg.Client & { notices: pg.Noti
   return c;
 }
 
-async function as<T>(user: TestUser, fn: (c: pg.Client & { notices: pg.NoticeMessage[] }) => Promise<T>): Promise<T> {
+async function as<T>(user: TestUser, fn: (c: pg.Client & { notices: Notice[] }) => Promise<T>): Promise<T> {
   const c = await connectAs(user);
   try {
     return await fn(c);

@@ -82,12 +82,12 @@ describe("the seed's test script, over HTTP", () => {
 
     const approved = await http(server.url, "POST", `/api/v1/changes/${id}/approve`, { token });
     expect(approved.status).toBe(200);
-    expect(approved.body.change_request).toMatchObject({ status: "approved", rows_affected: "5" });
+    expect(approved.body.change_request).toMatchObject({ status: "approved", rows_affected: 5 });
     const snapshotId = approved.body.change_request.snapshot_id;
 
     const list = await http(server.url, "GET", "/api/v1/tables/accounts/snapshots", { token });
     expect(list.body.table).toBe("t3.accounts");
-    expect(list.body.snapshots[0]).toMatchObject({ id: snapshotId, change_request_id: id, table_name: "t3.accounts", record_count: "20" });
+    expect(list.body.snapshots[0]).toMatchObject({ id: snapshotId, change_request_id: Number(id), table_name: "t3.accounts", record_count: 20 });
     expect(Object.keys(list.body.snapshots[0]).sort()).toEqual(["change_request_id", "created_at", "id", "record_count", "table_name"]);
 
     const snap = await http(server.url, "GET", `/api/v1/snapshots/${snapshotId}`, { token });

@@ -20,6 +20,7 @@ import { csvFileRoutes } from "../rest/csv-files.ts";
 import { eventRoutes } from "../rest/events.ts";
 import { exportRoutes } from "../rest/exports.ts";
 import { importRoutes } from "../rest/imports.ts";
+import { exactJsonBody, restJsonTypes } from "../rest/json.ts";
 import { EventHub } from "../realtime/hub.ts";
 import { HttpError, toClientError } from "./errors.ts";
 import { cspNonces, httpPgSettings, makePreset, throttledRequests } from "./graphql.ts";
@@ -182,8 +183,11 @@ function errorHandler(error: unknown, req: Request, res: Response, _next: NextFu
 
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const authPool = new pg.Pool({ connectionString: opts.authenticatorUrl, max: 20 });
+  // REST's JSON: numbers as numbers where a double holds them, times in UTC (rest/json.ts).
+  const restPool = new pg.Pool({ connectionString: opts.authenticatorUrl, max: 10, types: restJsonTypes, options: "-c TimeZone=UTC" });
   const ownerPool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2 });
   authPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
+  restPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
   ownerPool.on("error", (e) => log.warn("idle owner connection failed", { error: e.message }));
   const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs };
   const http: HttpOptions = { ...developmentHttpOptions, ...opts.http };
@@ -229,15 +233,15 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   });
 
   const api = express.Router();
-  api.use(express.json({ limit: "10mb" }));
+  api.use(express.json({ limit: "10mb", ...exactJsonBody }));
   api.use(authenticate(auth));
   api.use(requireSignIn(opts.roles));
   api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret, clientAddress }));
-  api.use(eventRoutes({ pool: authPool, hub, reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }) }));
+  api.use(eventRoutes({ pool: restPool, hub, reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }) }));
   api.use(exportRoutes({ pool: authPool }));
-  api.use(importRoutes({ pool: authPool }));
-  api.use(changeRoutes({ pool: authPool }));
-  api.use(csvFileRoutes({ pool: authPool }));
+  api.use(importRoutes({ pool: restPool }));
+  api.use(changeRoutes({ pool: restPool }));
+  api.use(csvFileRoutes({ pool: restPool }));
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
@@ -268,7 +272,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       // The LISTEN client of GraphQL subscriptions goes back to the pool, which can then end.
       for (const service of preset.pgServices ?? []) service.pgSubscriber?.release?.();
       await hub.close();
-      await Promise.all([authPool.end(), ownerPool.end()]);
+      await Promise.all([authPool.end(), restPool.end(), ownerPool.end()]);
     },
   };
 }
