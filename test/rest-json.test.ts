@@ -143,7 +143,11 @@ describe("REST JSON", () => {
     const restored = await call("POST", `/api/v1/snapshots/${first}/restore`, { token: adminToken });
     expect(restored.change_request).toMatchObject({ kind: "restore", status: "approved", rows_affected: 1, restore_snapshot_id: Number(first) });
 
-    const file = await call("POST", "/api/v1/csv-files?name=numbers.csv", { token: editorToken, rawBody: "id,label\n1,one\n2,two\n", headers: { "content-type": "text/csv" } });
+    const upload = await fetch(`${server.url}/api/v1/csv-files?name=numbers.csv`, {
+      method: "POST", headers: { authorization: `Bearer ${editorToken}`, "content-type": "text/csv" }, body: "id,label\n1,one\n2,two\n" });
+    expect(upload.status).toBe(201);
+    const file = await upload.json();
+    seen.push(["POST /api/v1/csv-files", file]);
     expect(file.file).toMatchObject({ id: expect.any(Number), created_at: expect.stringMatching(ISO_UTC) });
     const versions = await call("GET", `/api/v1/csv-files/${file.file.id}/versions`, { token: editorToken });
     expect(versions.versions[0]).toMatchObject({ version: 1, row_count: 2, created_at: expect.stringMatching(ISO_UTC) });
