@@ -4,6 +4,7 @@ import { readdirSync } from "node:fs";
 import path from "node:path";
 import pg from "pg";
 import { ensureCredentialKeys } from "./connectors/credential-keys.ts";
+import { parseJsonExact } from "./exact-json.ts";
 import { projectRoot } from "./db/migrate.ts";
 import { setJobContext } from "./jobs/context.ts";
 import { log } from "./log.ts";
@@ -19,6 +20,13 @@ export async function loadTaskList(): Promise<TaskList> {
   }
   return taskList;
 }
+
+const exactJsonTypes = {
+  getTypeParser(oid: number, format?: "text" | "binary") {
+    if (format !== "binary" && (oid === pg.types.builtins.JSON || oid === pg.types.builtins.JSONB)) return parseJsonExact;
+    return pg.types.getTypeParser(oid, format);
+  },
+} as pg.CustomTypesConfig;
 
 /** Recurring jobs (graphile-worker crontab syntax). */
 export const crontab = ["0 * * * * retention ?max=3"].join("\n");
@@ -41,7 +49,9 @@ export async function startWorker(opts: { ownerUrl: string; concurrency: number;
   const taskList = await loadTaskList();
   // Our own pool, so shutdown can close every connection before PostgreSQL stops
   // and a connection dropped by the server is logged instead of crashing the process.
-  const pgPool = new pg.Pool({ connectionString: opts.ownerUrl, max: opts.concurrency + 2 });
+  // json and jsonb read with every digit of their numbers (exact-json.ts): values
+  // published to a source are written exactly as the workbook holds them.
+  const pgPool = new pg.Pool({ connectionString: opts.ownerUrl, max: opts.concurrency + 2, types: exactJsonTypes });
   pgPool.on("error", (e) => log.warn("worker connection failed", { error: e.message }));
   pgPool.on("connect", (client) => client.on("error", (e) => log.warn("worker connection failed", { error: e.message })));
   const runner = await run({

@@ -245,7 +245,8 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
-  app.use("/graphql", authenticate(auth), throttledGraphqlStatus);
+  // Request bodies parsed here keep numbers wider than a double exact (grafserv uses req.body).
+  app.use("/graphql", express.json({ limit: 100_000, ...exactJsonBody }), authenticate(auth), throttledGraphqlStatus);
 
   const httpServer = createServer(app);
   const preset = makePreset({ pool: authPool, auth, http, clientAddress });
