@@ -547,3 +547,431 @@ $$;
 comment on function snapbase.grant_change_control(regclass) is
   E'@behavior -*\nRuns, as the caller (a DBA who owns the table, or a superuser), the GRANTs and policy a managed table needs (snapbase_private.registration_problems). Returns what it ran.';
 grant execute on function snapbase.grant_change_control(regclass) to :ROLE_ADMIN;
+
+--------------------------------------------------------------------------------
+-- Workbooks: every column name works
+--------------------------------------------------------------------------------
+-- A workbook table's data columns may be named anything PostgreSQL allows
+-- (reserved words, spaces, quotes, Unicode, single letters) except names starting
+-- with "__", which are Snapbase's metadata. So the SQL that works on these tables
+-- must never let a data column capture one of its own names: a whole row is
+-- always written `alias.*` (to_jsonb(r.*)), never `alias` alone (which means the
+-- column when one is named so), and every alias a statement introduces next to
+-- the data columns starts with "__sb_" (no data column can be named so). Source
+-- columns a workbook cannot name as they are (starting with "__", or longer than
+-- 63 bytes) get a local name and keep their own as `source_name` (the connectors'
+-- rule: src/connectors/names.ts).
+
+create or replace function snapbase_private.record_json_sql(hide text[] default '{}') returns text
+language sql immutable
+set search_path = pg_catalog
+as $$
+  select format($f$jsonb_build_object('id', r.__id, 'remote_id', r.__remote_id,
+    'values', to_jsonb(r.*) - %L::text[], 'edited', r.__edited - %2$L::text[], 'suggested', r.__suggested - %2$L::text[],
+    'state', jsonb_build_object('created', r.__created, 'deleted', r.__deleted, 'dirty', r.__dirty,
+                                'suggested_new', r.__suggested_new, 'suggest_delete', r.__suggest_delete,
+                                'source_deleted', r.__source_deleted, 'publish', r.__publish))$f$,
+    snapbase_private.record_meta_columns() || hide, hide)
+$$;
+comment on function snapbase_private.record_json_sql(text[]) is
+  'The JSON of a workbook record r (its values without metadata and hidden columns, edits, suggestions, state), as SQL over alias r.';
+
+-- For the download task, once it has the source's table spec (columns under their
+-- workbook names, with `sourceName` where that differs): the job's workbook table,
+-- created on the first download; on a refresh, checked against the spec.
+create or replace function snapbase_private.prepare_download(job_id bigint, spec jsonb) returns snapbase.workbook_tables
+language plpgsql
+set search_path = pg_catalog
+as $$
+declare
+  j snapbase.jobs;
+  t snapbase.workbook_tables;
+  wb snapbase.workbooks;
+  misfits text;
+begin
+  select * into j from snapbase.jobs where id = job_id;
+  if j.table_id is not null then
+    select * into t from snapbase.workbook_tables where id = j.table_id;
+    select string_agg(quote_ident(c ->> 'name'), ', ') into misfits from jsonb_array_elements(t.columns) c
+     where not coalesce((c ->> 'scratch')::boolean, false)
+       and not exists (select 1 from jsonb_array_elements(spec -> 'columns') s
+                        where s ->> 'name' = c ->> 'name' and to_regtype(s ->> 'type') = to_regtype(c ->> 'type'));
+    if misfits is not null then
+      raise exception 'the source table % no longer matches workbook table % (missing or retyped: %)', t.remote_table, t.id, misfits
+        using errcode = '22023';
+    end if;
+    return t;
+  end if;
+  select * into wb from snapbase.workbooks where id = j.workbook_id;
+  t := snapbase_private.create_workbook_table(wb, j.options ->> 'remote_table',
+         (select jsonb_agg(jsonb_build_object('name', c ->> 'name', 'type', c ->> 'type', 'read_only', coalesce((c ->> 'readOnly')::boolean, false)))
+            from jsonb_array_elements(spec -> 'columns') c),
+         spec ->> 'remoteIdColumn', null,
+         jsonb_build_object('kind', (select kind from snapbase.connector_accounts where id = j.connector_account_id), 'table', j.options ->> 'remote_table'));
+  -- The remote id column identifies records at the source: it is never edited here.
+  -- Columns named otherwise here keep the source's name.
+  update snapbase.workbook_tables set connector_account_id = j.connector_account_id, remote_table = j.options ->> 'remote_table',
+         columns = (select jsonb_agg(c
+                             || case when c ->> 'name' = spec ->> 'remoteIdColumn' then '{"read_only": true}'::jsonb else '{}' end
+                             || coalesce((select jsonb_build_object('source_name', s ->> 'sourceName') from jsonb_array_elements(spec -> 'columns') s
+                                           where s ->> 'name' = c ->> 'name' and s ->> 'sourceName' is not null), '{}')
+                             order by ord)
+                      from jsonb_array_elements(columns) with ordinality as e(c, ord))
+   where id = t.id returning * into t;
+  update snapbase.jobs set table_id = t.id where id = job_id;
+  return t;
+end;
+$$;
+
+-- Applies one batch of source records [{remote_id, values}] to the job's table.
+-- New records are inserted; a known record takes the source's values except in
+-- the fields edited here, which keep the local value. Either way the source's
+-- values become __last_seen, and a field stays edited only while it differs from
+-- them. Returns false when the job was cancelled.
+create or replace function snapbase_private.apply_download_batch(job_id bigint, records jsonb, done bigint) returns boolean
+language plpgsql
+set search_path = pg_catalog
+as $$
+declare
+  j snapbase.jobs;
+  t snapbase.workbook_tables;
+  rel text;
+  cols text[];
+begin
+  select * into j from snapbase.jobs where id = job_id;
+  select * into t from snapbase.workbook_tables where id = j.table_id;
+  rel := snapbase_private.table_rel(t);
+  cols := snapbase_private.column_names(t, true);
+  execute format($q$
+    with __sb_incoming as (
+      select __sb_e.value ->> 'remote_id' as __sb_remote_id, __sb_t.__sb_typed, %5$s as __sb_seen
+        from jsonb_array_elements($1) as __sb_e
+        cross join lateral (select jsonb_populate_record(null::%1$s, __sb_e.value -> 'values') as __sb_typed) __sb_t
+    ), __sb_updated as (
+      update %1$s __sb_r set
+        %2$s,
+        __last_seen = __sb_i.__sb_seen,
+        __edited = coalesce((select jsonb_object_agg(__sb_x.key, __sb_x.value) from jsonb_each(__sb_r.__edited) __sb_x
+                              where (to_jsonb(__sb_r.*) -> __sb_x.key) is distinct from (__sb_i.__sb_seen -> __sb_x.key)), '{}'),
+        __source_deleted = false,
+        __seen_job = $2,
+        __updated_at = now()
+        from __sb_incoming __sb_i
+       where __sb_r.__remote_id = __sb_i.__sb_remote_id
+      returning __sb_r.__remote_id
+    )
+    insert into %1$s (%3$s, __remote_id, __last_seen, __seen_job)
+    select %4$s, __sb_i.__sb_remote_id, __sb_i.__sb_seen, $2 from __sb_incoming __sb_i
+     where not exists (select 1 from __sb_updated __sb_u where __sb_u.__remote_id = __sb_i.__sb_remote_id)
+    $q$, rel,
+    (select string_agg(format('%1$I = case when __sb_r.__edited ? %1$L then __sb_r.%1$I else (__sb_i.__sb_typed).%1$I end', c), ', ') from unnest(cols) c),
+    (select string_agg(format('%I', c), ', ') from unnest(cols) c),
+    (select string_agg(format('(__sb_i.__sb_typed).%I', c), ', ') from unnest(cols) c),
+    -- The source's values as JSON, built from the data columns alone (cheaper than
+    -- the whole row less its metadata); jsonb_build_object takes at most 100
+    -- arguments, so wide tables take the whole row.
+    case when cardinality(cols) <= 50
+         then format('jsonb_build_object(%s)', (select string_agg(format('%L, (__sb_t.__sb_typed).%I', c, c), ', ') from unnest(cols) c))
+         else 'to_jsonb(__sb_t.__sb_typed) - $3::text[]' end)
+    using records, job_id, snapbase_private.scratch_columns(t) || snapbase_private.record_meta_columns();
+  return snapbase_private.job_progress(job_id, done, null);
+end;
+$$;
+
+-- A first download that failed or was cancelled leaves no table behind: the
+-- download task calls this for the table its job created (when no one has edited
+-- or suggested anything in it meanwhile). Returns whether it was removed.
+drop function if exists snapbase_private.discard_download(bigint);
+create function snapbase_private.discard_download(job_id bigint) returns boolean
+language plpgsql
+set search_path = pg_catalog
+as $$
+declare
+  j snapbase.jobs;
+  t snapbase.workbook_tables;
+  touched boolean;
+begin
+  select * into j from snapbase.jobs where id = job_id;
+  select * into t from snapbase.workbook_tables where id = j.table_id;
+  if t.id is null then
+    return false;
+  end if;
+  if to_regclass(snapbase_private.table_rel(t)) is not null then
+    execute format('select exists (select 1 from %s where __dirty or __suggested <> ''{}'' or __suggest_delete is not null or __suggested_new)',
+      snapbase_private.table_rel(t)) into touched;
+    if touched then
+      return false;
+    end if;
+    execute format('drop table %s', snapbase_private.table_rel(t));
+  end if;
+  -- (The job row would go with its table: jobs.table_id cascades.)
+  update snapbase.jobs set table_id = null where id = job_id;
+  delete from snapbase.workbook_tables where id = t.id;
+  perform snapbase_private.audit_workbook('discard_download', t.workbook_id, 'workbook_table', t.id::text,
+    snapbase_private.table_rel(t), jsonb_build_object('job_id', job_id, 'remote_table', t.remote_table));
+  return true;
+end;
+$$;
+comment on function snapbase_private.discard_download(bigint) is
+  'Removes the workbook table a failed or cancelled first download created (unless someone edited it meanwhile). Worker only.';
+
+create or replace function snapbase_private.apply_update(t snapbase.workbook_tables, record_id bigint, vals jsonb) returns void
+language plpgsql
+set search_path = pg_catalog
+as $$
+declare
+  rel text := snapbase_private.table_rel(t);
+  cols text;
+  scratch text[] := snapbase_private.scratch_columns(t);
+  is_new boolean;
+begin
+  execute format('select __created or __suggested_new from %s where __id = $1', rel) into is_new using record_id;
+  if is_new is null then
+    raise exception 'no record % in workbook table %', record_id, t.id using errcode = 'P0002';
+  end if;
+  perform snapbase_private.check_values(t, vals, is_new);
+  select string_agg(format('%I', k), ', ') into cols from jsonb_object_keys(vals) k;
+  if cols is null then
+    return;
+  end if;
+  -- A field counts as edited while it differs from the value last seen at the source;
+  -- scratch columns are never flagged (they are never published).
+  execute format($u$
+    update %1$s __sb_r set (%2$s) = (select %2$s from jsonb_populate_record(__sb_r.*, $2)), __updated_at = now()
+     where __sb_r.__id = $1;
+    $u$, rel, cols) using record_id, vals;
+  execute format($u$
+    update %1$s __sb_r set __edited = (__sb_r.__edited - $2::text[]) || coalesce((
+        select jsonb_object_agg(__sb_k.k, now()) from unnest($2::text[]) __sb_k(k)
+         where __sb_k.k <> all ($3) and (__sb_r.__created or (to_jsonb(__sb_r.*) -> __sb_k.k) is distinct from (__sb_r.__last_seen -> __sb_k.k))), '{}')
+     where __sb_r.__id = $1
+    $u$, rel) using record_id, array(select jsonb_object_keys(vals)), scratch;
+end;
+$$;
+
+create or replace function snapbase.resolve_source_deleted(table_id bigint, record_id bigint, action text) returns text
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  t snapbase.workbook_tables := snapbase_private.require_table(table_id, 'edit');
+  rel text := snapbase_private.table_rel(t);
+  hit bigint;
+begin
+  if action = 'recreate' then
+    -- Re-created with all its values: every published field counts as given.
+    execute format('update %s __sb_r set __source_deleted = false, __created = true, __remote_id = null, __last_seen = null, __publish = null,
+                    __edited = (select jsonb_object_agg(__sb_k.k, now()) from jsonb_object_keys(to_jsonb(__sb_r.*) - $2::text[]) __sb_k(k)),
+                    __updated_at = now() where __sb_r.__id = $1 and __sb_r.__source_deleted returning __sb_r.__id', rel)
+      into hit using record_id, snapbase_private.record_meta_columns() || snapbase_private.scratch_columns(t);
+  elsif action = 'delete' then
+    execute format('delete from %s where __id = $1 and __source_deleted returning __id', rel) into hit using record_id;
+  else
+    raise exception 'action must be recreate or delete (got %)', coalesce(action, 'null') using errcode = '22023';
+  end if;
+  if hit is null then
+    raise exception 'no record % deleted at the source in workbook table %', record_id, t.id using errcode = 'P0002';
+  end if;
+  perform snapbase_private.audit_workbook('resolve_source_deleted', t.workbook_id, 'workbook_record', record_id::text, rel,
+    jsonb_build_object('table_id', t.id, 'action', action));
+  return action;
+end;
+$$;
+
+create or replace function snapbase_private.tg__records_event() returns trigger
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  affected bigint;
+  what text;
+begin
+  if tg_op = 'INSERT' then
+    select count(*), case when bool_and(__sb_n.__suggested_new) then 'suggested' when bool_and(__sb_n.__seen_job is not null) then 'downloaded' else 'created' end
+      into affected, what from new_rows __sb_n;
+  elsif tg_op = 'DELETE' then
+    select count(*), case when bool_and(__sb_o.__suggested_new) then 'rejected' else 'deleted' end into affected, what from old_rows __sb_o;
+  else
+    select count(*),
+           case
+             when bool_or(__sb_c.data_changed and __sb_n.__suggested <> __sb_o.__suggested) then 'accepted'
+             when bool_or(__sb_n.__publish is distinct from __sb_o.__publish) then 'published'
+             when bool_or(__sb_c.data_changed) then 'edited'
+             when bool_or(not (__sb_o.__suggested @> __sb_n.__suggested) or __sb_n.__suggest_delete is not null and __sb_o.__suggest_delete is null) then 'suggested'
+             when bool_or(__sb_n.__suggested <> __sb_o.__suggested or __sb_n.__suggest_delete is distinct from __sb_o.__suggest_delete) then 'rejected'
+             else 'updated'
+           end
+      into affected, what
+      from new_rows __sb_n join old_rows __sb_o on __sb_o.__id = __sb_n.__id,
+           lateral (select (to_jsonb(__sb_n.*) - snapbase_private.record_meta_columns()) is distinct from (to_jsonb(__sb_o.*) - snapbase_private.record_meta_columns())
+                             or __sb_n.__deleted <> __sb_o.__deleted as data_changed) __sb_c;
+  end if;
+  -- A bulk edit announces itself once, at its end.
+  -- 'updated' alone (edit flags, timestamps) is bookkeeping that follows another event.
+  if affected > 0 and what <> 'updated' and current_setting('snapbase.quiet_record_events', true) is distinct from 'on' then
+    perform snapbase_private.emit('workbook:' || tg_argv[0], 'records', jsonb_build_object('table_id', tg_argv[1]::bigint,
+      'action', what, 'count', affected));
+  end if;
+  return null;
+end;
+$$;
+
+create or replace function snapbase.copy_managed_table_to_workbook(workbook_id bigint, managed_table text, name text default null)
+returns snapbase.workbook_tables
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  wb snapbase.workbooks := snapbase_private.require_workbook(workbook_id, 'edit');
+  mt snapbase.managed_tables := snapbase.resolve_managed_table(managed_table);
+  rel regclass := snapbase_private.relation_of(mt);
+  pk text[] := snapbase_private.primary_key(rel);
+  cols jsonb;
+  col_list text;
+  t snapbase.workbook_tables;
+  copied bigint;
+begin
+  if not has_table_privilege(snapbase_private.caller_role(), rel, 'SELECT') then
+    raise exception 'you may not read %', mt.qualified_name using errcode = '42501';
+  end if;
+  if cardinality(pk) is distinct from 1 then
+    raise exception '% needs a single-column primary key to be copied into a workbook', mt.qualified_name using errcode = '22023';
+  end if;
+  -- Only the columns the caller may read are copied (column privileges hold here too).
+  select jsonb_agg(jsonb_build_object('name', c ->> 'name', 'type', c ->> 'type', 'read_only', (c ->> 'name') = pk[1]) order by ord),
+         string_agg(format('%I', c ->> 'name'), ', ' order by ord)
+    into cols, col_list
+    from jsonb_array_elements(snapbase_private.table_columns(rel)) with ordinality as e(c, ord)
+   where has_column_privilege(snapbase_private.caller_role(), rel, c ->> 'name', 'SELECT');
+  if not cols @> jsonb_build_array(jsonb_build_object('name', pk[1])) then
+    raise exception 'you may not read the primary key % of %', pk[1], mt.qualified_name using errcode = '42501';
+  end if;
+  t := snapbase_private.create_workbook_table(wb, coalesce(name, mt.table_name), cols, pk[1], null,
+         jsonb_build_object('kind', 'managed_table', 'table', mt.qualified_name, 'managed_table_id', mt.id));
+  execute format('insert into %s (%s, __remote_id, __last_seen) select __sb_seen.*, __sb_s.%I::text, to_jsonb(__sb_seen.*) from %s __sb_s, lateral (select %s) __sb_seen',
+    snapbase_private.table_rel(t), col_list, pk[1], rel,
+    (select string_agg(format('__sb_s.%I', c ->> 'name'), ', ') from jsonb_array_elements(cols) c));
+  get diagnostics copied = row_count;
+  perform snapbase_private.audit_workbook('copy_managed_table', wb.id, 'workbook_table', t.id::text,
+    snapbase_private.table_rel(t), jsonb_build_object('source', mt.qualified_name, 'records', copied));
+  return t;
+end;
+$$;
+
+--------------------------------------------------------------------------------
+-- Accepting and rejecting suggestions: one result shape
+--------------------------------------------------------------------------------
+-- Both return {records, cells, created, deleted}: the records acted on, and of
+-- their suggestions the cells, the suggested new records (accepted: created;
+-- rejected: removed) and the suggested deletions (accepted: marked deleted;
+-- rejected: dropped) that were accepted or rejected.
+
+create or replace function snapbase.accept_suggestions(table_id bigint, record_id bigint default null, column_name text default null,
+                                                       within_filter boolean default false)
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  t snapbase.workbook_tables := snapbase_private.require_table(table_id, 'edit');
+  rel text := snapbase_private.table_rel(t);
+  cols text := (select string_agg(format('%I', c), ', ') from unnest(snapbase_private.column_names(t)) c);
+  -- The accepted values of row r: its suggestions, or only the one for column_name ($1).
+  patch constant text := '(select coalesce(jsonb_object_agg(__sb_e.key, __sb_e.value -> ''value''), ''{}'') from jsonb_each(r.__suggested) __sb_e
+                            where $1::text is null or __sb_e.key = $1)';
+  result jsonb;
+begin
+  if column_name is not null and column_name <> all (snapbase_private.column_names(t)) then
+    raise exception 'unknown column %', column_name using errcode = '22023';
+  end if;
+  -- The counts come from the same snapshot the UPDATE starts from.
+  execute format($u$
+    with __sb_counted as (
+      select count(*) as records,
+             coalesce(sum((select count(*) from jsonb_object_keys(%4$s))), 0) as cells,
+             count(*) filter (where r.__suggested_new and $1::text is null) as created,
+             count(*) filter (where r.__suggest_delete is not null and $1::text is null) as deleted
+        from %1$s r where %2$s
+    ), __sb_applied as (
+      -- One pass per row: the patch, its values typed by the table's row type, and those
+      -- as JSON (to compare with the source's) are each computed once.
+      update %1$s r set
+        (%3$s, __edited) = (
+          select %5$s,
+                 (r.__edited - array(select jsonb_object_keys(__sb_x.p))) || coalesce((
+                   select jsonb_object_agg(__sb_k.k, now()) from jsonb_object_keys(__sb_x.p) __sb_k(k)
+                    where __sb_k.k <> all ($2) and (r.__created or r.__suggested_new or __sb_j.v -> __sb_k.k is distinct from r.__last_seen -> __sb_k.k)), '{}')
+            from (select %4$s as p offset 0) __sb_x  -- offset 0: computed once, not inlined at each use
+            cross join lateral (select jsonb_populate_record(null::%1$s, __sb_x.p) as typed) __sb_n
+            cross join lateral (select to_jsonb(__sb_n.typed) as v) __sb_j),
+        __suggested = case when $1::text is null then '{}' else r.__suggested - $1 end,
+        __created = r.__created or (r.__suggested_new and $1::text is null),
+        __suggested_new = r.__suggested_new and $1::text is not null,
+        __deleted = r.__deleted or (r.__suggest_delete is not null and $1::text is null),
+        __suggest_delete = case when $1::text is null then null else r.__suggest_delete end,
+        __updated_at = now()
+       where %2$s
+      returning 1
+    )
+    select jsonb_build_object('records', (select count(*) from __sb_applied), 'cells', c.cells, 'created', c.created, 'deleted', c.deleted)
+      from __sb_counted c
+    $u$, rel, snapbase_private.suggestion_scope(t, record_id, within_filter), cols, patch,
+    (select string_agg(format('case when __sb_x.p ? %1$L then (__sb_n.typed).%1$I else r.%1$I end', c), ', ') from unnest(snapbase_private.column_names(t)) c))
+    into result using column_name, snapbase_private.scratch_columns(t);
+  perform snapbase_private.audit_workbook('accept_suggestions', t.workbook_id, 'workbook_table', t.id::text, rel,
+    jsonb_build_object('record_id', record_id, 'column', column_name, 'within_filter', within_filter) || result);
+  return result;
+end;
+$$;
+comment on function snapbase.accept_suggestions(bigint, bigint, text, boolean) is
+  'Accept suggestions of one record or all (optionally within the active filter), for one column or all. Returns {records, cells, created, deleted}, like reject_suggestions.';
+
+create or replace function snapbase.reject_suggestions(table_id bigint, record_id bigint default null, column_name text default null,
+                                                       within_filter boolean default false)
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  t snapbase.workbook_tables := snapbase_private.require_table(table_id, 'edit');
+  rel text := snapbase_private.table_rel(t);
+  scope text := snapbase_private.suggestion_scope(t, record_id, within_filter);
+  result jsonb;
+  removed bigint := 0;
+begin
+  if column_name is not null and column_name <> all (snapbase_private.column_names(t)) then
+    raise exception 'unknown column %', column_name using errcode = '22023';
+  end if;
+  -- Counted from the same snapshot the statements start from.
+  execute format($q$
+    select jsonb_build_object(
+             'records', count(*) filter (where $1::text is null or r.__suggested ? $1),
+             'cells', coalesce(sum((select count(*) from jsonb_object_keys(r.__suggested) __sb_k(k) where $1::text is null or __sb_k.k = $1)), 0),
+             'created', count(*) filter (where r.__suggested_new and $1::text is null),
+             'deleted', count(*) filter (where r.__suggest_delete is not null and $1::text is null))
+      from %s r where %s$q$, rel, scope)
+    into result using column_name;
+  -- Rejecting a whole suggested new record removes it.
+  if column_name is null then
+    execute format('delete from %s r where %s and r.__suggested_new', rel, scope);
+    get diagnostics removed = row_count;
+  end if;
+  execute format($u$
+    update %s r set
+      __suggested = case when $1::text is null then '{}' else r.__suggested - $1 end,
+      __suggest_delete = case when $1::text is null then null else r.__suggest_delete end,
+      __updated_at = now()
+     where %s and ($1::text is null or r.__suggested ? $1)$u$, rel, scope)
+    using column_name;
+  perform snapbase_private.audit_workbook('reject_suggestions', t.workbook_id, 'workbook_table', t.id::text, rel,
+    jsonb_build_object('record_id', record_id, 'column', column_name, 'within_filter', within_filter) || result);
+  return result;
+end;
+$$;
+comment on function snapbase.reject_suggestions(bigint, bigint, text, boolean) is
+  'Reject suggestions of one record or all (optionally within the active filter), for one column or all. Returns {records, cells, created, deleted}, like accept_suggestions: what was rejected (created: suggested new records removed; deleted: suggested deletions dropped).';
