@@ -87,7 +87,7 @@ function authenticate(auth: AuthDeps) {
 /** REST needs a signed-in caller, except to sign in and to follow a share link. */
 function requireSignIn(roles: RoleNames) {
   return (req: Request, _res: Response, next: NextFunction) => {
-    const open = (req.method === "POST" && req.path === "/auth/login") || (req.method === "GET" && req.path.startsWith("/share/"));
+    const open = (req.method === "POST" && req.path === "/auth/login") || (req.method === "GET" && (req.path.startsWith("/share/") || req.path === "/"));
     if (!open && req.pgSettings?.role === roles.anonymous) {
       next(new HttpError(401, "authentication_required", "sign in first: send 'Authorization: Bearer <token>' (from POST /api/v1/auth/login, or an API token)"));
       return;
@@ -162,6 +162,56 @@ function securityHeaders() {
   ];
 }
 
+/** What GET / lists: every entry point of this server. */
+function serverIndex(base: string, graphiql: boolean): Record<string, string> {
+  return {
+    name: "Snapbase",
+    graphql: `${base}/graphql`,
+    ...(graphiql ? { graphiql: `${base}/graphiql` } : {}),
+    rest: `${base}/api/v1`,
+    health: `${base}/healthz`,
+    readiness: `${base}/readyz`,
+    sign_in: `POST ${base}/api/v1/auth/login {"email", "password"}`,
+  };
+}
+
+const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function serverIndexPage(index: Record<string, string>, graphiql: boolean): string {
+  const links = [
+    ["/graphql", "GraphQL", "POST queries here (WebSocket subscriptions on the same path)"],
+    ...(graphiql ? [["/graphiql", "GraphiQL", "explore the API in the browser"]] : []),
+    ["/api/v1", "REST", "the REST endpoints (sign in with POST /api/v1/auth/login)"],
+    ["/healthz", "health", "the process is up"],
+    ["/readyz", "readiness", "the database answers and migrations are current"],
+  ];
+  return `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(index.name!)}</title></head><body>
+<h1>Snapbase</h1><ul>
+${links.map(([href, name, what]) => `<li><a href="${href}">${escapeHtml(name!)}</a>: ${escapeHtml(what!)}</li>`).join("\n")}
+</ul></body></html>`;
+}
+
+const REST_ENDPOINTS = [
+  "POST /api/v1/auth/login",
+  "GET /api/v1/changes?status=pending",
+  "POST /api/v1/changes",
+  "POST /api/v1/changes/{id}/approve",
+  "POST /api/v1/changes/{id}/reject",
+  "GET /api/v1/changes/events",
+  "GET /api/v1/tables/{table_name}/snapshots",
+  "GET /api/v1/snapshots/{id}",
+  "GET /api/v1/snapshots/{a}/diff/{b}",
+  "POST /api/v1/snapshots/{id}/restore",
+  "GET /api/v1/snapshots/{id}/export.csv",
+  "GET /api/v1/workbooks/{id}/events",
+  "GET /api/v1/workbook-tables/{id}/export.csv",
+  "POST /api/v1/workbook-tables/{id}/imports",
+  "GET /api/v1/share/{token}",
+  "POST /api/v1/csv-files?name={file name}",
+  "GET /api/v1/csv-files/{id}/versions",
+  "GET /api/v1/csv-files/{id}/content?version={n}",
+];
+
 function errorHandler(error: unknown, req: Request, res: Response, _next: NextFunction): void {
   const parseError = error as { type?: string; status?: number };
   const client =
@@ -210,6 +260,14 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     }));
   }
 
+  // A newcomer opening the server (or the REST base printed at start) finds where everything is.
+  app.get("/", (req, res) => {
+    const base = `${req.protocol}://${req.get("host")}`;
+    const index = serverIndex(base, http.graphiql);
+    if (req.accepts(["json", "html"]) === "html") res.type("html").send(serverIndexPage(index, http.graphiql));
+    else res.json(index);
+  });
+
   app.get("/healthz", (_req, res) => {
     res.json({ status: "ok" });
   });
@@ -242,6 +300,9 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   api.use(importRoutes({ pool: restPool }));
   api.use(changeRoutes({ pool: restPool }));
   api.use(csvFileRoutes({ pool: restPool }));
+  api.get("/", (_req, res) => {
+    res.json({ endpoints: REST_ENDPOINTS, errors: 'every error is {"error": {"code", "message"}}', authorization: "Bearer <token from POST /api/v1/auth/login, or an API token>" });
+  });
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
