@@ -108,8 +108,14 @@ describe("docker-compose.yml", () => {
       expect(workerEnv[required], `${required} (production requires it)`).toBe(serverEnv[required]);
     }
 
-    // The server creates its roles and database through ROOT_DATABASE_URL and applies
-    // the committed migrations.
+    // The first service up creates the roles and database through ROOT_DATABASE_URL and
+    // applies the committed migrations (the worker here: it builds no GraphQL schema).
+    const jobs = run("worker", workerEnv);
+    await jobs.ready;
+    // While migrations/current/ holds work the next release commits, apply it as that
+    // release would (the server's GraphQL schema needs it); once committed, a no-op.
+    await runMigrations({ ownerUrl: serverEnv.DATABASE_URL!, roles: roleNames(PREFIX, `${PREFIX}_owner`), rootUrl: serverEnv.ROOT_DATABASE_URL }, { includeCurrent: true });
+
     const app = run("start", serverEnv);
     const url = await app.ready;
     expect(app.output()).not.toMatch(/worker in this process/); // SNAPBASE_WORKER=false: the worker service runs jobs
@@ -118,19 +124,13 @@ describe("docker-compose.yml", () => {
     expect(await (await fetch(url + "/readyz")).json()).toEqual({ status: "ready" });
     // The file's comment sends people to /graphiql.
     expect((await fetch(url + "/graphiql", { headers: { accept: "text/html" } })).status).toBe(200);
-    // (While migrations/current/ holds work the next release commits, apply it as that
-    // release would; once it is committed this changes nothing.)
-    await runMigrations({ ownerUrl: serverEnv.DATABASE_URL!, roles: roleNames(PREFIX, `${PREFIX}_owner`), rootUrl: serverEnv.ROOT_DATABASE_URL }, { includeCurrent: true });
-
-    const jobs = run("worker", workerEnv);
-    await jobs.ready;
 
     // The demo admin (DEMO_PASSWORD) asks for a job; only the worker service can run it.
     const login = await http(url, "POST", "/api/v1/auth/login", { body: { email: "admin@example.com", password: serverEnv.DEMO_PASSWORD } });
     expect(login.status, JSON.stringify(login.body)).toBe(200);
     const token = login.body.token;
     const account = (await graphql(url, `mutation { createConnectorAccount(input: { kind: "managed", name: "This database", credentials: {} }) { result { rowId } } }`, {}, token)).body;
-    expect(account.errors).toBeUndefined();
+    expect(account.errors, app.output()).toBeUndefined();
     const job = (await graphql(url, `mutation($a: BigInt!) { testConnectorAccount(input: { accountId: $a }) { result { rowId } } }`,
       { a: account.data.createConnectorAccount.result.rowId }, token)).body.data.testConnectorAccount.result.rowId;
     const ownerDb = new pg.Client({ connectionString: serverEnv.DATABASE_URL });
