@@ -144,17 +144,19 @@ begin
   while key_name = any (shared) loop key_name := key_name || '_'; end loop;
   while count_name = any (shared) loop count_name := count_name || '_'; end loop;
 
-  -- The snapshot's rows (the columns the table still has), each with its values'
-  -- text and, among equal rows, its occurrence number (for tables without a key).
+  -- The snapshot's rows (the columns the table still has); for tables without a key,
+  -- each with its values' text and, among equal rows, its occurrence number.
   if to_regclass('pg_temp.snapbase_restore_source') is not null then
     drop table pg_temp.snapbase_restore_source;
   end if;
   row_s := format('row(%s)::text', (select string_agg(format('(x.rec).%I', c), ', ') from unnest(shared) c));
   execute format($q$
     create temp table snapbase_restore_source on commit drop as
-    select %1$s, %2$s as %3$I, row_number() over (partition by %2$s) as %4$I
-      from (select src.rec::%5$s as rec from snapbase_private.snapshot_records($1) as src(rec) offset 0) x
-    $q$, (select string_agg(format('(x.rec).%1$I as %1$I', c), ', ') from unnest(shared) c), row_s, key_name, count_name, layout)
+    select %1$s%2$s
+      from (select src.rec::%3$s as rec from snapbase_private.snapshot_records($1) as src(rec) offset 0) x
+    $q$, (select string_agg(format('(x.rec).%1$I as %1$I', c), ', ') from unnest(shared) c),
+    case when pk is null then format(', %1$s as %2$I, row_number() over (partition by %1$s) as %3$I', row_s, key_name, count_name) else '' end,
+    layout)
     using snap.id;
   execute 'analyze pg_temp.snapbase_restore_source';
 
@@ -387,7 +389,8 @@ begin
       case when given && identity_always_cols then ' OVERRIDING SYSTEM VALUE' else '' end,
       (select string_agg(format('(s.rec).%I', c), ', ') from unnest(given) c));
   end loop;
-  return format(E'MERGE INTO %1$s AS t\nUSING (\n  SELECT e.op, e.set, e.shape, jsonb_populate_record(NULL::%1$s, e."row") AS rec\n    FROM jsonb_to_recordset(%2$L::jsonb) AS e(op text, "row" jsonb, set jsonb, shape integer)\n) AS s\nON %3$s\n%4$s',
+  -- (OFFSET 0 keeps the subquery whole, so each row's record is built once, not once per column read.)
+  return format(E'MERGE INTO %1$s AS t\nUSING (\n  SELECT e.op, e.set, e.shape, jsonb_populate_record(NULL::%1$s, e."row") AS rec\n    FROM jsonb_to_recordset(%2$L::jsonb) AS e(op text, "row" jsonb, set jsonb, shape integer)\n  OFFSET 0\n) AS s\nON %3$s\n%4$s',
     target, items,
     (select string_agg(format('t.%1$I = (s.rec).%1$I', c), ' AND ') from unnest(pk) c),
     array_to_string(clauses, E'\n'));
@@ -557,7 +560,9 @@ grant execute on function snapbase.grant_change_control(regclass) to :ROLE_ADMIN
 -- must never let a data column capture one of its own names: a whole row is
 -- always written `alias.*` (to_jsonb(r.*)), never `alias` alone (which means the
 -- column when one is named so), and every alias a statement introduces next to
--- the data columns starts with "__sb_" (no data column can be named so). Source
+-- the data columns starts with "__sb_" (no data column can be named so; a bare
+-- __sb_ alias is a whole row). Functions returning rows stay in FROM, so they run
+-- once per row, not once per column read from them. Source
 -- columns a workbook cannot name as they are (starting with "__", or longer than
 -- 63 bytes) get a local name and keep their own as `source_name` (the connectors'
 -- rule: src/connectors/names.ts).
@@ -644,9 +649,9 @@ begin
   cols := snapbase_private.column_names(t, true);
   execute format($q$
     with __sb_incoming as (
-      select __sb_e.value ->> 'remote_id' as __sb_remote_id, __sb_t.__sb_typed, %5$s as __sb_seen
+      select __sb_e.value ->> 'remote_id' as __sb_remote_id, __sb_n as __sb_typed, %5$s as __sb_seen
         from jsonb_array_elements($1) as __sb_e
-        cross join lateral (select jsonb_populate_record(null::%1$s, __sb_e.value -> 'values') as __sb_typed) __sb_t
+        cross join lateral jsonb_populate_record(null::%1$s, __sb_e.value -> 'values') as __sb_n
     ), __sb_updated as (
       update %1$s __sb_r set
         %2$s,
@@ -671,8 +676,8 @@ begin
     -- the whole row less its metadata); jsonb_build_object takes at most 100
     -- arguments, so wide tables take the whole row.
     case when cardinality(cols) <= 50
-         then format('jsonb_build_object(%s)', (select string_agg(format('%L, (__sb_t.__sb_typed).%I', c, c), ', ') from unnest(cols) c))
-         else 'to_jsonb(__sb_t.__sb_typed) - $3::text[]' end)
+         then format('jsonb_build_object(%s)', (select string_agg(format('%L, __sb_n.%I', c, c), ', ') from unnest(cols) c))
+         else 'to_jsonb(__sb_n.*) - $3::text[]' end)
     using records, job_id, snapbase_private.scratch_columns(t) || snapbase_private.record_meta_columns();
   return snapbase_private.job_progress(job_id, done, null);
 end;
@@ -906,8 +911,8 @@ begin
                    select jsonb_object_agg(__sb_k.k, now()) from jsonb_object_keys(__sb_x.p) __sb_k(k)
                     where __sb_k.k <> all ($2) and (r.__created or r.__suggested_new or __sb_j.v -> __sb_k.k is distinct from r.__last_seen -> __sb_k.k)), '{}')
             from (select %4$s as p offset 0) __sb_x  -- offset 0: computed once, not inlined at each use
-            cross join lateral (select jsonb_populate_record(null::%1$s, __sb_x.p) as typed) __sb_n
-            cross join lateral (select to_jsonb(__sb_n.typed) as v) __sb_j),
+            cross join lateral jsonb_populate_record(null::%1$s, __sb_x.p) __sb_n
+            cross join lateral (select to_jsonb(__sb_n.*) as v) __sb_j),
         __suggested = case when $1::text is null then '{}' else r.__suggested - $1 end,
         __created = r.__created or (r.__suggested_new and $1::text is null),
         __suggested_new = r.__suggested_new and $1::text is not null,
@@ -920,7 +925,7 @@ begin
     select jsonb_build_object('records', (select count(*) from __sb_applied), 'cells', c.cells, 'created', c.created, 'deleted', c.deleted)
       from __sb_counted c
     $u$, rel, snapbase_private.suggestion_scope(t, record_id, within_filter), cols, patch,
-    (select string_agg(format('case when __sb_x.p ? %1$L then (__sb_n.typed).%1$I else r.%1$I end', c), ', ') from unnest(snapbase_private.column_names(t)) c))
+    (select string_agg(format('case when __sb_x.p ? %1$L then __sb_n.%1$I else r.%1$I end', c), ', ') from unnest(snapbase_private.column_names(t)) c))
     into result using column_name, snapbase_private.scratch_columns(t);
   perform snapbase_private.audit_workbook('accept_suggestions', t.workbook_id, 'workbook_table', t.id::text, rel,
     jsonb_build_object('record_id', record_id, 'column', column_name, 'within_filter', within_filter) || result);
