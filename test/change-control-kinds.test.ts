@@ -214,6 +214,41 @@ describe("structured edits", () => {
     expect(failed.error_message).toMatch(/positive/);
   });
 
+  it("hostile edits are refused at submission, or stay data: names are checked against the table, values never become SQL", async () => {
+    const before = await rowsOf("kinds.items");
+    const pendingBefore = (await q("select count(*)::int as n from snapbase.change_requests"))[0].n;
+    const refused: [unknown, RegExp][] = [
+      [{ insert: [{ "name); drop table kinds.items; --": "x" }] }, /does not have: "name\); drop table kinds.items; --"/],
+      [{ update: [{ key: { id: 2 }, set: { 'qty" = 0, "name': 1 } }] }, /does not have/],
+      [{ insert: [{ id: 7, op: "delete" }] }, /does not have: op/],
+      [{ update: [{ key: { id: 2 }, set: "qty = 0" }] }, /each update must be/],
+      [{ update: [{ key: { "id = id or true": 2 }, set: { qty: 1 } }] }, /primary key columns only/],
+      [{ delete: [{ id: 1, name: "x" }] }, /primary key columns only/],
+      [{ delete: [{ id: null }] }, /primary key column id/],
+      [{ drop: [{ id: 1 }] }, /edits must be an object/],
+      [{ insert: "select 1" }, /edits must be an object/],
+      [[{ insert: [] }], /edits must be an object/],
+      [{ insert: [] }, /no insert, update or delete/],
+    ];
+    for (const [edits, message] of refused) {
+      const error = await submitEdits("kinds.items", edits).then(() => null, (e: Error) => e);
+      expect(error?.message, JSON.stringify(edits)).toMatch(message);
+    }
+    expect((await q("select count(*)::int as n from snapbase.change_requests"))[0].n).toBe(pendingBefore);
+    // Values are data: SQL in a value is stored as text; a value of the wrong type fails the approval cleanly.
+    const sqlText = "'); delete from kinds.items; --";
+    const stored = await submitEdits("kinds.items", { insert: [{ id: 950, name: sqlText }] });
+    expect((await approve(String(stored.id))).status).toBe("approved");
+    expect((await q("select name from kinds.items where id = 950"))[0].name).toBe(sqlText);
+    for (const edits of [{ update: [{ key: { id: 2 }, set: { qty: "1; drop table kinds.items" } }] }, { insert: [{ id: 951, tags: { evil: "object" } }] }]) {
+      const cr = await submitEdits("kinds.items", edits);
+      const failed = await approve(String(cr.id));
+      expect(failed.status, JSON.stringify(edits)).toBe("failed");
+      expect(failed.error_code).toMatch(/^22/);
+    }
+    expect((await rowsOf("kinds.items")).filter((r) => !r.startsWith("(950,"))).toEqual(before);
+  });
+
   it("columns named like the generated statement's own aliases (t, s, op, set, rec, row) work", async () => {
     await q(`create table kinds.aliases (t integer primary key, s text, op text, "set" text, rec text, "row" text, e text, r text);
              insert into kinds.aliases values (1, 's', 'op', 'set', 'rec', 'row', 'e', 'r');
