@@ -55,13 +55,13 @@ beforeAll(async () => {
     drop schema if exists restjson cascade;
     create schema restjson;
     grant usage on schema restjson to ${db.roles.viewer};
-    create table restjson.people (id bigint primary key, name text not null, big bigint, amount numeric(30,10), seen timestamptz);
-    insert into restjson.people select n, 'person ' || n, n, n / 4.0, timestamptz '2024-01-15 14:30:00+01' + n * interval '1 second' from generate_series(1, 244) n;
-    insert into restjson.people values (245, 'wide', 9007199254740993, 12345678901234567890.0123456789, '2024-01-15 14:30:00.123456+05:30'),
+    create table restjson.rj_people (id bigint primary key, name text not null, big bigint, amount numeric(30,10), seen timestamptz);
+    insert into restjson.rj_people select n, 'person ' || n, n, n / 4.0, timestamptz '2024-01-15 14:30:00+01' + n * interval '1 second' from generate_series(1, 244) n;
+    insert into restjson.rj_people values (245, 'wide', 9007199254740993, 12345678901234567890.0123456789, '2024-01-15 14:30:00.123456+05:30'),
                                        (246, 'exact', 9007199254740991, 1.5, null);
-    grant select on restjson.people to ${db.roles.viewer};
-    select snapbase.register_table('restjson.people');
-    select snapbase.take_snapshot('restjson.people', 'before the change');
+    grant select on restjson.rj_people to ${db.roles.viewer};
+    select snapbase.register_table('restjson.rj_people');
+    select snapbase.take_snapshot('restjson.rj_people', 'before the change');
   `);
 });
 
@@ -71,16 +71,16 @@ afterAll(async () => {
 
 describe("REST JSON", () => {
   it("GET /api/v1/tables/{table}/snapshots answers seed 000's example shape, field by field", async () => {
-    const submitted = await http(server.url, "POST", "/api/v1/changes", { token: editorToken, body: { table_name: "restjson.people", sql: "insert into restjson.people (id, name) values (247, 'new')", reason: "one more" } });
+    const submitted = await http(server.url, "POST", "/api/v1/changes", { token: editorToken, body: { table_name: "restjson.rj_people", sql: "insert into restjson.rj_people (id, name) values (247, 'new')", reason: "one more" } });
     expect(submitted.status).toBe(201);
     const approved = await http(server.url, "POST", `/api/v1/changes/${submitted.body.change_request.id}/approve`, { token: adminToken });
     expect(approved.status).toBe(200);
 
-    const res = await http(server.url, "GET", "/api/v1/tables/people/snapshots", { token: editorToken });
+    const res = await http(server.url, "GET", "/api/v1/tables/rj_people/snapshots", { token: editorToken });
     expect(res.status).toBe(200);
     expect(res.headers.get("content-type")).toMatch(/^application\/json/);
     expect(Object.keys(res.body).sort()).toEqual(["snapshots", "table"]);
-    expect(res.body.table).toBe("restjson.people");
+    expect(res.body.table).toBe("restjson.rj_people");
     expect(res.body.snapshots).toHaveLength(2);
     const [newest, older] = res.body.snapshots;
     for (const snap of [newest, older]) {
@@ -88,7 +88,7 @@ describe("REST JSON", () => {
       expect(typeof snap.id).toBe("number");
       expect(Number.isInteger(snap.id)).toBe(true);
       expect(typeof snap.table_name).toBe("string");
-      expect(snap.table_name).toBe("restjson.people");
+      expect(snap.table_name).toBe("restjson.rj_people");
       expect(snap.created_at).toMatch(ISO_UTC);
       expect(snap.created_at).toBe(await isoOf("select created_at from snapbase.snapshots where id = $1", [snap.id]));
       expect(typeof snap.record_count).toBe("number");
@@ -104,10 +104,10 @@ describe("REST JSON", () => {
   });
 
   it("GET /api/v1/snapshots/{id}: the summary's numbers and time, and rows whose wide numbers stay exact", async () => {
-    const [{ id }] = await q("select max(id) as id from snapbase.snapshots where table_name = 'restjson.people'");
+    const [{ id }] = await q("select max(id) as id from snapbase.snapshots where table_name = 'restjson.rj_people'");
     const res = await http(server.url, "GET", `/api/v1/snapshots/${id}`, { token: editorToken });
     expect(res.status).toBe(200);
-    expect(res.body).toMatchObject({ id: Number(id), table_name: "restjson.people", record_count: 247, created_at: expect.stringMatching(ISO_UTC) });
+    expect(res.body).toMatchObject({ id: Number(id), table_name: "restjson.rj_people", record_count: 247, created_at: expect.stringMatching(ISO_UTC) });
     expect(typeof res.body.change_request_id).toBe("number");
     expect(res.body.snapshot_data).toHaveLength(247);
     const byName = Object.fromEntries(res.body.snapshot_data.map((r: { name: string }) => [r.name, r]));
@@ -132,12 +132,12 @@ describe("REST JSON", () => {
                               submitted_by: Number(editor.id), decided_by: Number(admin.id), submitted_at: expect.stringMatching(ISO_UTC), decided_at: expect.stringMatching(ISO_UTC) });
     expect(c.submitted_at).toBe(await isoOf("select submitted_at from snapbase.change_requests where id = $1", [c.id]));
 
-    const created = await call("POST", "/api/v1/changes", { token: editorToken, body: { table_name: "people", edits: { update: [{ key: { id: 1 }, set: { name: "renamed" } }] } } });
+    const created = await call("POST", "/api/v1/changes", { token: editorToken, body: { table_name: "rj_people", edits: { update: [{ key: { id: 1 }, set: { name: "renamed" } }] } } });
     expect(created.change_request).toMatchObject({ id: expect.any(Number), status: "pending", rows_affected: null });
     const rejected = await call("POST", `/api/v1/changes/${created.change_request.id}/reject`, { token: adminToken, body: { reason: "no" } });
     expect(rejected.change_request).toMatchObject({ id: created.change_request.id, status: "rejected", decided_by: Number(admin.id) });
 
-    const [{ first, last }] = await q("select min(id) as first, max(id) as last from snapbase.snapshots where table_name = 'restjson.people'");
+    const [{ first, last }] = await q("select min(id) as first, max(id) as last from snapbase.snapshots where table_name = 'restjson.rj_people'");
     const diff = await call("GET", `/api/v1/snapshots/${first}/diff/${last}`, { token: editorToken });
     expect(diff).toMatchObject({ from_snapshot_id: Number(first), to_snapshot_id: Number(last), added: [{ id: 247, name: "new" }] });
     const restored = await call("POST", `/api/v1/snapshots/${first}/restore`, { token: adminToken });
