@@ -165,10 +165,12 @@ describe("the JSON rule itself", () => {
       const { rows: [r] } = await c.query(`select 9007199254740991::bigint as safe, 9007199254740992::bigint as unsafe, -9007199254740993::bigint as negative,
         '{1,9007199254740993}'::bigint[] as list, 0.1::numeric as tenth, 12.50::numeric(5,2) as scaled, 'NaN'::numeric as nan,
         '2024-02-29 23:59:59.999999+00'::timestamptz as ts, 'infinity'::timestamptz as forever, '2024-02-29'::date as day,
+        '0001-01-01 00:00:00+00'::timestamptz as first, '2024-01-15 14:30:00+05:30'::timestamptz as zoned, 1e100::float8 as big_float, 'NaN'::float8 as float_nan,
         '{"a": 123456789012345678901234567890, "b": [1.25, 0.1]}'::jsonb as doc`);
       expect(r).toEqual({
         safe: 9007199254740991, unsafe: "9007199254740992", negative: "-9007199254740993", list: [1, "9007199254740993"],
         tenth: 0.1, scaled: 12.5, nan: "NaN", ts: "2024-02-29T23:59:59.999999Z", forever: "infinity", day: "2024-02-29",
+        first: "0001-01-01T00:00:00Z", zoned: "2024-01-15T09:00:00Z", big_float: 1e100, float_nan: "NaN",
         doc: { a: "123456789012345678901234567890", b: [1.25, 0.1] },
       });
     } finally {

@@ -1,8 +1,8 @@
 // How the REST layer reads PostgreSQL values into JSON, in one place (the REST
 // pool's type parsers), so every endpoint answers alike:
-// - bigint, numeric, real and double are JSON numbers when a double holds them
-//   exactly (integers up to 2^53 - 1); wider ones are strings of their exact digits
-//   (NaN and infinities are strings too);
+// - bigint and numeric are JSON numbers when a double holds them exactly (integers
+//   up to 2^53 - 1); wider ones are strings of their exact digits; real and double
+//   are numbers; NaN and infinities are strings;
 // - json and jsonb keep the same rule for the numbers inside them;
 // - timestamptz is ISO 8601 in UTC ("2024-01-15T14:30:00Z", with as many fraction
 //   digits as PostgreSQL holds, none when whole); timestamp (no zone) is ISO 8601
@@ -20,7 +20,11 @@ export function timestamptzToIso(text: string): string {
   if (!m) return text; // infinity, BC dates, years past 9999: PostgreSQL's own text
   const [, y, mo, d, h, mi, s, fraction = "", sign, oh, om = "0", os = "0"] = m;
   const offsetSeconds = (sign === "-" ? -1 : 1) * (Number(oh) * 3600 + Number(om) * 60 + Number(os));
-  const utc = new Date(Date.UTC(Number(y), Number(mo) - 1, Number(d), Number(h), Number(mi), Number(s)) - offsetSeconds * 1000);
+  // (setUTCFullYear, not Date.UTC, which reads years 0 to 99 as 1900 to 1999.)
+  const local = new Date(0);
+  local.setUTCFullYear(Number(y), Number(mo) - 1, Number(d));
+  local.setUTCHours(Number(h), Number(mi), Number(s), 0);
+  const utc = new Date(local.getTime() - offsetSeconds * 1000);
   if (Number.isNaN(utc.getTime()) || utc.getUTCFullYear() < 1 || utc.getUTCFullYear() > 9999) return text;
   const digits = fraction.replace(/0+$/, "");
   return `${utc.toISOString().slice(0, 19)}${digits ? `.${digits}` : ""}Z`;
@@ -29,11 +33,14 @@ export function timestamptzToIso(text: string): string {
 /** "2024-01-15 14:30:00.5" → "2024-01-15T14:30:00.5" (no zone: none is known). */
 const timestampToIso = (text: string): string => text.replace(/^(\d{4,}-\d\d-\d\d) /, "$1T");
 
+/** A real or double is a double: a number, unless NaN or an infinity (JSON has none). */
+const floatForClients = (text: string): number | string => (Number.isFinite(Number(text)) ? Number(text) : text);
+
 const parsers = new Map<number, (text: string) => unknown>([
   [builtins.INT8, numberForClients],
   [builtins.NUMERIC, numberForClients],
-  [builtins.FLOAT4, numberForClients],
-  [builtins.FLOAT8, numberForClients],
+  [builtins.FLOAT4, floatForClients],
+  [builtins.FLOAT8, floatForClients],
   [builtins.JSON, parseJsonForClients],
   [builtins.JSONB, parseJsonForClients],
   [builtins.TIMESTAMPTZ, timestamptzToIso],
