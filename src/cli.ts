@@ -5,7 +5,7 @@ import path from "node:path";
 import { ConfigError, loadConfig, type Config } from "./config.ts";
 import { prepareDatabase, type Database } from "./db/database.ts";
 import { commitMigration, projectRoot } from "./db/migrate.ts";
-import { loadDemo } from "./demo/index.ts";
+import { demoUsersBanner, loadDemo } from "./demo/index.ts";
 import { log } from "./log.ts";
 import { startServer, type RunningServer } from "./server/app.ts";
 import { exportSchema } from "./server/schema-export.ts";
@@ -50,13 +50,7 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
 
   if (opts.server && config.demo) {
     const demo = await loadDemo(db.ownerUrl, roles, config.demoPassword);
-    if (demo.created) {
-      console.log(
-        `\nDemo users created (shown once; set DEMO_PASSWORD to choose it):\n` +
-          `  admin   ${demo.created.adminEmail}  password: ${demo.created.password}\n` +
-          `  editor  ${demo.created.editorEmail}  password: ${demo.created.password}\n`,
-      );
-    }
+    if (demo.created) console.log(demoUsersBanner(demo.created, config.demoPassword !== undefined));
   }
   let worker: Worker | undefined;
   if (opts.worker) {

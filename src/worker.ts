@@ -9,6 +9,8 @@ import { parseCrontab, run, type Runner, type TaskList, type Task, type WorkerEv
 import { readdirSync } from "node:fs";
 import path from "node:path";
 import { ensureCredentialKeys } from "./connectors/credential-keys.ts";
+import pg from "pg";
+import { parseJsonExact } from "./exact-json.ts";
 import { projectRoot, quietWorkerLogger } from "./db/migrate.ts";
 import { createPool, withClient } from "./db/pools.ts";
 import { setJobContext } from "./jobs/context.ts";
@@ -26,6 +28,13 @@ export async function loadTaskList(): Promise<TaskList> {
   }
   return taskList;
 }
+
+const exactJsonTypes = {
+  getTypeParser(oid: number, format?: "text" | "binary") {
+    if (format !== "binary" && (oid === pg.types.builtins.JSON || oid === pg.types.builtins.JSONB)) return parseJsonExact;
+    return pg.types.getTypeParser(oid, format);
+  },
+} as pg.CustomTypesConfig;
 
 /** Recurring jobs (graphile-worker crontab syntax). */
 export const crontab = ["0 * * * * retention ?max=3"].join("\n");
@@ -66,7 +75,9 @@ export async function startWorker(opts: WorkerOptions): Promise<Worker> {
   const lockGraceMs = opts.lockGraceMs ?? 12_000;
   // Our own pool, so shutdown can close every connection before PostgreSQL stops
   // and a connection dropped by the server is logged instead of crashing the process.
-  const pgPool = createPool({ name: "worker", connectionString: opts.ownerUrl, max: opts.concurrency + 3 });
+  // json and jsonb read with every digit of their numbers (exact-json.ts): values
+  // published to a source are written exactly as the workbook holds them.
+  const pgPool = createPool({ name: "worker", connectionString: opts.ownerUrl, max: opts.concurrency + 3, types: exactJsonTypes });
 
   const liveness = new Liveness({ connectionString: opts.ownerUrl, heartbeatMs: opts.heartbeatMs ?? 5_000 });
   await liveness.start();

@@ -113,7 +113,7 @@ describe("csv: upload, download, edit, suggest, publish", () => {
   it("round-trips a file with an id column into a new version, leaving version 1 as uploaded", async () => {
     const fileId = await uploaded("people.csv", PEOPLE);
     expect((await versions(fileId)).body.versions).toEqual([
-      { id: fileId, version: 1, row_count: "4", created_at: expect.any(String), created_by_job: null }]);
+      { id: Number(fileId), version: 1, row_count: 4, created_at: expect.any(String), created_by_job: null }]);
 
     const account = await csvAccount(fileId);
     expect(account.summary).toBe("CSV file people.csv");
@@ -142,7 +142,7 @@ describe("csv: upload, download, edit, suggest, publish", () => {
 
     // One version per write call: creates, updates, deletes.
     const listed = (await versions(fileId)).body.versions;
-    expect(listed.map((v: { version: number; row_count: string }) => [v.version, v.row_count])).toEqual([[1, "4"], [2, "5"], [3, "5"], [4, "4"]]);
+    expect(listed.map((v: { version: number; row_count: number }) => [v.version, v.row_count])).toEqual([[1, 4], [2, 5], [3, 5], [4, 4]]);
 
     const latest = await download(fileId);
     expect(latest.status).toBe(200);

@@ -200,7 +200,7 @@ $$;
 create or replace function snapbase_private.record_json_sql(hide text[] default '{}') returns text
   language sql immutable set search_path = pg_catalog as $$
   select format($f$jsonb_build_object('id', r.__id, 'remote_id', %3$s,
-    'values', to_jsonb(r) - %1$L::text[], 'edited', r.__edited - %2$L::text[], 'suggested', r.__suggested - %2$L::text[],
+    'values', to_jsonb(r.*) - %1$L::text[], 'edited', r.__edited - %2$L::text[], 'suggested', r.__suggested - %2$L::text[],
     'state', jsonb_build_object('created', r.__created, 'deleted', r.__deleted, 'dirty', %4$s,
                                 'suggested_new', r.__suggested_new, 'suggest_delete', r.__suggest_delete,
                                 'source_deleted', r.__source_deleted, 'publish', %5$s))$f$,
@@ -485,12 +485,12 @@ begin
         from %s r where r.__dirty$q$, rel)
       into counts using leave_out;
     execute format($q$
-      select coalesce(jsonb_agg(jsonb_build_object('id', r.__id, 'values', to_jsonb(r) - $2 - $1) order by r.__id), '[]')
+      select coalesce(jsonb_agg(jsonb_build_object('id', r.__id, 'values', to_jsonb(r.*) - $2 - $1) order by r.__id), '[]')
         from (select * from %s r where r.__created order by r.__id limit $3) r$q$, rel)
       into creates using leave_out, snapbase_private.record_meta_columns(), max_records;
     execute format($q$
       select coalesce(jsonb_agg(jsonb_build_object('id', r.__id, 'remote_id', case when $3 then r.__remote_id end, 'fields',
-               (select jsonb_agg(jsonb_build_object('column', k, 'before', r.__last_seen -> k, 'after', to_jsonb(r) -> k,
+               (select jsonb_agg(jsonb_build_object('column', k, 'before', r.__last_seen -> k, 'after', to_jsonb(r.*) -> k,
                                                     'edited_at', r.__edited -> k) order by k)
                   from jsonb_object_keys(r.__edited - $1) k)) order by r.__id), '[]')
         from (select * from %s r where r.__dirty and not r.__created and not r.__deleted and r.__edited - $1 <> '{}'

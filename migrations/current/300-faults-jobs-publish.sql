@@ -473,20 +473,20 @@ begin
   select * into j from snapbase.jobs where id = job_id;
   select * into t from snapbase.workbook_tables where id = j.table_id;
   rel := snapbase_private.table_rel(t);
-  execute format('delete from %s r using jsonb_array_elements($1) o where r.__id = (o ->> ''id'')::bigint and (o ->> ''ok'')::boolean and r.__deleted', rel)
+  execute format('delete from %s r using jsonb_array_elements($1) __sb_o where r.__id = (__sb_o ->> ''id'')::bigint and (__sb_o ->> ''ok'')::boolean and r.__deleted', rel)
     using outcomes;
   execute format($q$
     update %1$s r set
-      __remote_id = case when (o ->> 'ok')::boolean and r.__created then o ->> 'remote_id' else r.__remote_id end,
-      __last_seen = case when (o ->> 'ok')::boolean then to_jsonb(r) - $3::text[] else r.__last_seen end,
-      __edited = case when (o ->> 'ok')::boolean then '{}' else r.__edited end,
-      __created = r.__created and not (o ->> 'ok')::boolean,
+      __remote_id = case when (__sb_o ->> 'ok')::boolean and r.__created then __sb_o ->> 'remote_id' else r.__remote_id end,
+      __last_seen = case when (__sb_o ->> 'ok')::boolean then to_jsonb(r.*) - $3::text[] else r.__last_seen end,
+      __edited = case when (__sb_o ->> 'ok')::boolean then '{}' else r.__edited end,
+      __created = r.__created and not (__sb_o ->> 'ok')::boolean,
       __publish = jsonb_strip_nulls(jsonb_build_object(
-        'state', case when (o ->> 'ok')::boolean then 'published' else coalesce(o ->> 'state', 'failed') end,
-        'job_id', $2, 'at', now(), 'error', o ->> 'error', 'source_values', o -> 'source_values')),
+        'state', case when (__sb_o ->> 'ok')::boolean then 'published' else coalesce(__sb_o ->> 'state', 'failed') end,
+        'job_id', $2, 'at', now(), 'error', __sb_o ->> 'error', 'source_values', __sb_o -> 'source_values')),
       __updated_at = now()
-      from jsonb_array_elements($1) o
-     where r.__id = (o ->> 'id')::bigint
+      from jsonb_array_elements($1) __sb_o
+     where r.__id = (__sb_o ->> 'id')::bigint
     $q$, rel) using outcomes, job_id, snapbase_private.record_meta_columns() || snapbase_private.scratch_columns(t);
   if batch_id is not null then
     update snapbase_private.publish_batches b set settled_at = now(), verdict = coalesce(b.verdict, 'recorded')
@@ -616,7 +616,7 @@ begin
       update %1$s r set __publish = jsonb_build_object('state', 'pushing', 'job_id', $1, 'at', now())
         from chosen c where r.__id = c.__id
       returning r.__id, jsonb_build_object('id', r.__id, 'remote_id', r.__remote_id,
-        'values', (select coalesce(jsonb_object_agg(k, to_jsonb(r) -> k), '{}') from jsonb_object_keys(r.__edited) k where k <> all ($4)),
+        'values', (select coalesce(jsonb_object_agg(k, to_jsonb(r.*) -> k), '{}') from jsonb_object_keys(r.__edited) k where k <> all ($4)),
         'last_seen', r.__last_seen) as item
     )
     select coalesce(jsonb_agg(item order by __id), '[]') from marked

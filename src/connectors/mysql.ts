@@ -26,6 +26,7 @@ import {
 } from "./values.ts";
 import { log } from "../log.ts";
 import { redactText } from "../redact.ts";
+import { parseJsonExact } from "../exact-json.ts";
 
 export interface MysqlCredentials {
   host: string;
@@ -348,7 +349,8 @@ function toJsonValue(value: unknown, type: string | undefined): unknown {
   if (value === null || value === undefined) return null;
   if (Buffer.isBuffer(value)) return `\\x${value.toString("hex")}`;
   if (type === "boolean" && typeof value === "number") return value !== 0;
-  if (type === "jsonb" && typeof value === "string") return JSON.parse(value);
+  // Numbers wider than a double keep their digits (ExactNumber writes them back as read).
+  if (type === "jsonb" && typeof value === "string") return parseJsonExact(value);
   return value;
 }
 

@@ -112,7 +112,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
       if (remoteIds.length === 0) return found;
       // Comparing with the typed key (not pk::text) lets PostgreSQL use the primary key index.
       const { rows } = await pool.query(
-        `select s.${t.pk}::text as remote_id, to_jsonb(s)::text as values from ${t.sql} s where s.${t.pk} = any($1)`,
+        `select s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values from ${t.sql} s where s.${t.pk} = any($1)`,
         [remoteIds],
       );
       for (const row of rows) found.set(row.remote_id, parseRowJson(row.values, t.jsonColumns));
@@ -147,7 +147,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
       await client.query("begin isolation level repeatable read, read only");
       const t = await resolveTable(client, table);
       await client.query(`declare sb_download no scroll cursor for
-        select s.${t.pk}::text as remote_id, to_jsonb(s)::text as values from ${t.sql} s order by s.${t.pk}`);
+        select s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values from ${t.sql} s order by s.${t.pk}`);
       for (;;) {
         signal?.throwIfAborted();
         const { rows } = await client.query(`fetch forward ${Math.max(1, Math.floor(batchSize))} from sb_download`);

@@ -11,6 +11,8 @@ export interface ColumnSpec {
   type: string;
   /** Never written back (generated, identity, computed at the source). */
   readOnly: boolean;
+  /** The source's own name, when the workbook must name the column otherwise (connectors/names.ts). */
+  sourceName?: string;
 }
 
 export interface TableSpec {

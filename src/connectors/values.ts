@@ -1,5 +1,6 @@
 // Helpers shared by the database connectors: per-record writes with savepoints,
 // and JSON parsing that keeps wide numbers exact.
+import { ExactNumber, parseJsonExact } from "../exact-json.ts";
 import { ConnectorError, type RecordOutcome, type WriteReceipt, type WriteStatus } from "./types.ts";
 
 /** Node's network error codes: the host is down, unreachable or dropped us; worth retrying. */
@@ -128,59 +129,15 @@ export async function applyEachInTransaction<T>(
 
 // --- JSON with exact wide numbers ----------------------------------------------
 
-/** A number JSON.parse would round (more digits than a double holds), kept as its source text. */
-class WideNumber {
-  readonly text: string;
-  constructor(text: string) {
-    this.text = text;
-  }
-}
-
-/** A double holds any 15 significant digits, so only a run of 16 digits (or dots) can be at risk. */
-const MAYBE_WIDE_NUMBER = /[0-9.]{16}/;
-
 /**
  * Parses a row rendered as a JSON object (PostgreSQL's to_jsonb). Column values
  * that are numbers too wide for a double (big bigints, long numerics) come back as
  * their exact text, which the workbook's typed column casts without loss. Numbers
- * inside JSON documents (`jsonColumns`) stay numbers, as any JSON reader gives them.
+ * inside JSON documents (`jsonColumns`) stay numbers, with their exact digits
+ * (ExactNumber, which JSON.stringify writes as it was read).
  */
 export function parseRowJson(text: string, jsonColumns: ReadonlySet<string>): Record<string, unknown> {
-  if (!MAYBE_WIDE_NUMBER.test(text)) return JSON.parse(text);
-  const row: Record<string, unknown> = JSON.parse(text, markWideNumbers);
-  for (const [column, value] of Object.entries(row)) row[column] = settleWideNumbers(value, !jsonColumns.has(column));
+  const row = parseJsonExact(text) as Record<string, unknown>;
+  for (const [column, value] of Object.entries(row)) if (!jsonColumns.has(column) && value instanceof ExactNumber) row[column] = value.text;
   return row;
-}
-
-// JSON.parse passes the number's source text as context.source (Node 22+).
-function markWideNumbers(_key: string, value: unknown, context?: { source?: string }): unknown {
-  if (typeof value !== "number" || context?.source === undefined) return value;
-  return sameDecimal(context.source, String(value)) ? value : new WideNumber(context.source);
-}
-
-function settleWideNumbers(value: unknown, asText: boolean): unknown {
-  if (value instanceof WideNumber) return asText ? value.text : Number(value.text);
-  if (Array.isArray(value)) return value.map((v) => settleWideNumbers(v, asText));
-  if (value !== null && typeof value === "object") {
-    const object = value as Record<string, unknown>;
-    for (const [key, v] of Object.entries(object)) object[key] = settleWideNumbers(v, asText);
-  }
-  return value;
-}
-
-/** Whether two decimal texts are the same number ("12.50" and "12.5" are; "9007199254740993" and "9007199254740992" are not). */
-function sameDecimal(a: string, b: string): boolean {
-  return canonicalDecimal(a) === canonicalDecimal(b);
-}
-
-/** "0012.3400" → "1234e-2", "1.2e+21" → "12e20": significant digits and a power of ten. */
-function canonicalDecimal(text: string): string {
-  const match = /^(-?)(\d*)(?:\.(\d*))?(?:e([+-]?\d+))?$/i.exec(text);
-  if (!match) return text;
-  const [, sign, whole, fraction = "", exponent = "0"] = match;
-  const digits = (whole + fraction).replace(/^0+/, "");
-  const significant = digits.replace(/0+$/, "");
-  if (significant === "") return "0";
-  const power = Number(exponent) - fraction.length + (digits.length - significant.length);
-  return `${sign}${significant}e${power}`;
 }

@@ -32,6 +32,8 @@ export interface PoolOptions {
   idleTimeoutMillis?: number;
   /** Client errors are expected (a connector's source going away): log them at debug level. */
   quiet?: boolean;
+  /** Type parsers for this pool's connections (the worker reads json exactly). */
+  types?: pg.CustomTypesConfig;
 }
 
 type Release = (err?: Error | boolean) => void;
@@ -71,6 +73,7 @@ export class SnapbasePool extends pg.Pool {
   constructor(opts: PoolOptions) {
     super({
       ...(opts.clientConfig ?? { connectionString: opts.connectionString }),
+      ...(opts.types ? { types: opts.types } : {}),
       max: opts.max ?? 10,
       connectionTimeoutMillis: opts.connectionTimeoutMillis,
       idleTimeoutMillis: opts.idleTimeoutMillis ?? 30_000,

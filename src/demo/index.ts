@@ -19,6 +19,17 @@ export interface DemoResult {
 const demoSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo.sql");
 const demoAsEditorSqlPath = path.join(path.dirname(fileURLToPath(import.meta.url)), "demo-as-editor.sql");
 
+/** What start-up prints once the demo users exist: their password when it was
+ *  generated, or where it came from when DEMO_PASSWORD chose it. */
+export function demoUsersBanner(created: NonNullable<DemoResult["created"]>, passwordFromEnv: boolean): string {
+  const password = passwordFromEnv ? "password: the one in DEMO_PASSWORD" : `password: ${created.password}`;
+  return (
+    `\nDemo users created${passwordFromEnv ? "" : " (shown once; set DEMO_PASSWORD to choose it)"}:\n` +
+    `  admin   ${created.adminEmail}  ${password}\n` +
+    `  editor  ${created.editorEmail}  ${password}\n`
+  );
+}
+
 export async function loadDemo(ownerUrl: string, roles: RoleNames, password?: string): Promise<DemoResult> {
   return withClient("demo", ownerUrl, async (client) => {
     try {

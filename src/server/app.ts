@@ -21,6 +21,7 @@ import { csvFileRoutes } from "../rest/csv-files.ts";
 import { eventRoutes } from "../rest/events.ts";
 import { exportRoutes } from "../rest/exports.ts";
 import { importRoutes } from "../rest/imports.ts";
+import { exactJsonBody, restJsonTypes } from "../rest/json.ts";
 import { EventHub } from "../realtime/hub.ts";
 import { jsonBody } from "./body.ts";
 import { HttpError, toClientError } from "./errors.ts";
@@ -47,7 +48,7 @@ export interface RunningServer {
   url: string;
   httpServer: Server;
   /** The pools requests run on (for operations and tests). */
-  pools: { authenticator: SnapbasePool; owner: SnapbasePool };
+  pools: { authenticator: SnapbasePool; rest: SnapbasePool; owner: SnapbasePool };
   /**
    * Stops accepting requests, ends event streams, waits up to the drain time
    * (default: the server's shutdownDrainMs) for requests in flight, then stops
@@ -114,7 +115,7 @@ function authenticate(auth: AuthDeps) {
 /** REST needs a signed-in caller, except to sign in and to follow a share link. */
 function requireSignIn(roles: RoleNames) {
   return (req: Request, _res: Response, next: NextFunction) => {
-    const open = (req.method === "POST" && req.path === "/auth/login") || (req.method === "GET" && req.path.startsWith("/share/"));
+    const open = (req.method === "POST" && req.path === "/auth/login") || (req.method === "GET" && (req.path.startsWith("/share/") || req.path === "/"));
     if (!open && req.pgSettings?.role === roles.anonymous) {
       next(new HttpError(401, "authentication_required", "sign in first: send 'Authorization: Bearer <token>' (from POST /api/v1/auth/login, or an API token)"));
       return;
@@ -189,6 +190,56 @@ function securityHeaders() {
   ];
 }
 
+/** What GET / lists: every entry point of this server. */
+function serverIndex(base: string, graphiql: boolean): Record<string, string> {
+  return {
+    name: "Snapbase",
+    graphql: `${base}/graphql`,
+    ...(graphiql ? { graphiql: `${base}/graphiql` } : {}),
+    rest: `${base}/api/v1`,
+    health: `${base}/healthz`,
+    readiness: `${base}/readyz`,
+    sign_in: `POST ${base}/api/v1/auth/login {"email", "password"}`,
+  };
+}
+
+const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+function serverIndexPage(index: Record<string, string>, graphiql: boolean): string {
+  const links = [
+    ["/graphql", "GraphQL", "POST queries here (WebSocket subscriptions on the same path)"],
+    ...(graphiql ? [["/graphiql", "GraphiQL", "explore the API in the browser"]] : []),
+    ["/api/v1", "REST", "the REST endpoints (sign in with POST /api/v1/auth/login)"],
+    ["/healthz", "health", "the process is up"],
+    ["/readyz", "readiness", "the database answers and migrations are current"],
+  ];
+  return `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(index.name!)}</title></head><body>
+<h1>Snapbase</h1><ul>
+${links.map(([href, name, what]) => `<li><a href="${href}">${escapeHtml(name!)}</a>: ${escapeHtml(what!)}</li>`).join("\n")}
+</ul></body></html>`;
+}
+
+const REST_ENDPOINTS = [
+  "POST /api/v1/auth/login",
+  "GET /api/v1/changes?status=pending",
+  "POST /api/v1/changes",
+  "POST /api/v1/changes/{id}/approve",
+  "POST /api/v1/changes/{id}/reject",
+  "GET /api/v1/changes/events",
+  "GET /api/v1/tables/{table_name}/snapshots",
+  "GET /api/v1/snapshots/{id}",
+  "GET /api/v1/snapshots/{a}/diff/{b}",
+  "POST /api/v1/snapshots/{id}/restore",
+  "GET /api/v1/snapshots/{id}/export.csv",
+  "GET /api/v1/workbooks/{id}/events",
+  "GET /api/v1/workbook-tables/{id}/export.csv",
+  "POST /api/v1/workbook-tables/{id}/imports",
+  "GET /api/v1/share/{token}",
+  "POST /api/v1/csv-files?name={file name}",
+  "GET /api/v1/csv-files/{id}/versions",
+  "GET /api/v1/csv-files/{id}/content?version={n}",
+];
+
 function errorHandler(error: unknown, req: Request, res: Response, _next: NextFunction): void {
   if (error instanceof RequestAbortedError || (req.abortSignal?.aborted && res.destroyed)) {
     // The client is gone (or shutdown stopped the request): nobody to answer.
@@ -222,6 +273,16 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     resetOnRelease: true,
     connectionTimeoutMillis: 15_000,
     sessionSettings: { jit_optimize_above_cost: "-1" },
+  });
+  // REST's JSON: numbers as numbers where a double holds them, times in UTC (rest/json.ts).
+  const restPool = createPool({
+    name: "rest",
+    connectionString: opts.authenticatorUrl,
+    max: 10,
+    resetOnRelease: true,
+    connectionTimeoutMillis: 15_000,
+    types: restJsonTypes,
+    sessionSettings: { TimeZone: "UTC" },
   });
   const ownerPool = createPool({ name: "owner", connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 15_000 });
   const shutdown = new AbortController();
@@ -258,6 +319,14 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     }));
   }
 
+  // A newcomer opening the server (or the REST base printed at start) finds where everything is.
+  app.get("/", (req, res) => {
+    const base = `${req.protocol}://${req.get("host")}`;
+    const index = serverIndex(base, http.graphiql);
+    if (req.accepts(["json", "html"]) === "html") res.type("html").send(serverIndexPage(index, http.graphiql));
+    else res.json(index);
+  });
+
   app.get("/healthz", (_req, res) => {
     res.json({ status: "ok" });
   });
@@ -285,26 +354,30 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   });
 
   const api = express.Router();
-  // JSON everywhere, except the routes that take a CSV file as their body.
-  api.use(jsonBody({ limit: "10mb", only: true, otherTypes: /^\/(csv-files|workbook-tables\/[^/]+\/imports)\/?$/ }));
+  // JSON everywhere, except the routes that take a CSV file as their body; numbers
+  // wider than a double are kept exact.
+  api.use(jsonBody({ limit: "10mb", only: true, otherTypes: /^\/(csv-files|workbook-tables\/[^/]+\/imports)\/?$/, ...exactJsonBody }));
   api.use(authenticate(auth));
   api.use(requireSignIn(opts.roles));
   api.use(authRoutes({ pool: authPool, jwtSecret: opts.jwtSecret, clientAddress }));
   api.use(eventRoutes({
-    pool: authPool,
+    pool: restPool,
     hub,
     shutdown: shutdown.signal,
     reauthorize: (req) => settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: true }),
   }));
   api.use(exportRoutes({ pool: authPool }));
-  api.use(importRoutes({ pool: authPool }));
-  api.use(changeRoutes({ pool: authPool }));
-  api.use(csvFileRoutes({ pool: authPool }));
+  api.use(importRoutes({ pool: restPool }));
+  api.use(changeRoutes({ pool: restPool }));
+  api.use(csvFileRoutes({ pool: restPool }));
+  api.get("/", (_req, res) => {
+    res.json({ endpoints: REST_ENDPOINTS, errors: 'every error is {"error": {"code", "message"}}', authorization: "Bearer <token from POST /api/v1/auth/login, or an API token>" });
+  });
   api.use((_req, _res, next) => next(new HttpError(404, "not_found", "no such endpoint")));
   app.use("/api/v1", api);
 
-  // Parsed here (strict UTF-8), so grafserv gets the JSON as it is.
-  app.post("/graphql", jsonBody({ limit: "10mb" }));
+  // Parsed here (strict UTF-8, numbers wider than a double kept exact), so grafserv gets the JSON as it is.
+  app.post("/graphql", jsonBody({ limit: "2mb", ...exactJsonBody }));
   app.use("/graphql", authenticate(auth), throttledGraphqlStatus);
 
   const httpServer = createServer(app);
@@ -357,12 +430,12 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     for (const service of preset.pgServices ?? []) service.pgSubscriber?.release?.();
     await hub.close();
     await closed;
-    await Promise.all([authPool.endWithin(5_000), ownerPool.endWithin(5_000)]);
+    await Promise.all([authPool.endWithin(5_000), restPool.endWithin(5_000), ownerPool.endWithin(5_000)]);
   };
   return {
     url,
     httpServer,
-    pools: { authenticator: authPool, owner: ownerPool },
+    pools: { authenticator: authPool, rest: restPool, owner: ownerPool },
     close: (closeOpts) => (closing ??= close(closeOpts)),
   };
 }

@@ -43,9 +43,10 @@ function assertWellFormed(value: unknown, path: string): void {
  * is 415, as RFC 8259 has JSON travel as UTF-8). With `only: true`, a body of any other type is refused with 415,
  * except on the paths in `otherTypes` (their routes parse their own type).
  */
-export function jsonBody(opts: { limit: string; only?: boolean; otherTypes?: RegExp }) {
+export function jsonBody(opts: { limit: string; only?: boolean; otherTypes?: RegExp; reviver?: (key: string, value: unknown) => unknown }) {
   const parse = express.json({
     limit: opts.limit,
+    reviver: opts.reviver,
     type: JSON_TYPES,
     verify: (_req, _res, buf) => void assertUtf8(buf, "the JSON body"),
   });

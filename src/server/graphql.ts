@@ -11,6 +11,7 @@ import { developmentHttpOptions, type HttpOptions } from "../config.ts";
 import { log } from "../log.ts";
 import { makeAuthPlugin } from "./auth-plugin.ts";
 import { toClientError } from "./errors.ts";
+import { installExactJsonCodecs } from "./exact-json.ts";
 import { makeHardeningPlugin, stripSuggestions } from "./graphql-hardening.ts";
 import { PreviewCapPlugin } from "./cap.ts";
 import { RealtimePlugin } from "./realtime-plugin.ts";
@@ -82,6 +83,7 @@ export function makePreset(opts: {
       throw error;
     }
   };
+  installExactJsonCodecs();
   return {
     extends: [PostGraphileAmberPreset],
     plugins: [RealtimePlugin, PreviewCapPlugin, RuruNoncePlugin, makeAuthPlugin({ jwtSecret: opts.auth.jwtSecret }), makeHardeningPlugin({ http, anonymousRole: opts.auth.roles.anonymous })],
