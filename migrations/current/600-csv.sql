@@ -1,12 +1,351 @@
 --------------------------------------------------------------------------------
--- CSV: exports that follow the table's settings (issue 13).
+-- CSV: one set of type inference rules, exports that follow the table's settings
+-- (issue 13).
 --------------------------------------------------------------------------------
+-- Type inference. Before, src/connectors/csv.ts and csv_import_preview had rules of
+-- their own that disagreed ("007", an 11-digit integer, "2024-02-30"), and the
+-- preview read only the first 1,000 rows. Now there is one table of rules,
+-- snapbase_private.csv_type_rules(), and two evaluators that only interpret it, both
+-- over every row: SQL's (csv_column_kinds, set-based, for rows already in the
+-- database: stage_csv_rows, imports staged before) and the server's
+-- (src/connectors/csv-inference.ts, for rows streaming through it: an import's
+-- upload, a file the csv connector downloads). The server evaluates what it streams
+-- because PostgreSQL's regular expressions cost about 1 µs a cell (a third more
+-- time for a 300,000-row upload); in JavaScript the same rules cost a few percent.
+-- A column's kinds (the types all its cells fit) are kept per import
+-- (csv_import_kinds), so a preview reads them instead of the rows.
+--
 -- Export: snapbase.export_table_rows follows the table's column order and leaves its
 -- hidden columns out, unless all_columns; table_export_query takes the columns to
 -- write, so share links can pass theirs.
 
 drop function if exists snapbase.export_table_rows(bigint, boolean) cascade;
 drop function if exists snapbase_private.table_export_query(snapbase.workbook_tables, boolean) cascade;
+drop function if exists snapbase_private.stage_csv_copy(bigint) cascade;
+
+--------------------------------------------------------------------------------
+-- The rules
+--------------------------------------------------------------------------------
+-- One table of rules, read by two evaluators that only interpret it: SQL's
+-- (csv_value_fits, csv_column_kinds: rows already in the database) and the one in
+-- src/connectors/csv-inference.ts (rows streaming through the server: an import's
+-- upload, a file the csv connector reads), which loads these rows. A cell fits a
+-- type when it matches the pattern (a regular expression PostgreSQL and JavaScript
+-- read alike: anchors, [0-9] classes, groups, ?, *, +, {m,n}, |), then, where given,
+-- its number lies within [min_value, max_value] and its first ten characters name a
+-- day that exists (csv_day_exists). Empty cells decide nothing.
+--
+-- Only forms that read the same in every session (DateStyle, TimeZone) and lose
+-- nothing the cell says: no leading zeros (007 is an identifier, not 7), no plus
+-- sign, no spaces around a value, no exponent, no NaN or Infinity, no day that does
+-- not exist, at most microseconds, and a zone only where the cell gives one.
+--
+-- rank orders the types, narrowest first, and is the type's bit in a kinds mask.
+-- Types of one chain (integer < bigint < numeric, date < timestamp) are wider than
+-- those before them: a cell that fits one fits every wider one of its chain. No cell
+-- fits types of two chains. test/csv-types.test.ts holds both evaluators, and these
+-- properties, to the same answers.
+create or replace function snapbase_private.csv_type_rules()
+returns table (rank integer, type text, pattern text, min_value numeric, max_value numeric, day_first boolean)
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  values
+    (0, 'boolean', '^(true|false|TRUE|FALSE|True|False)$', null::numeric, null::numeric, false),
+    (1, 'integer', '^(0|-?[1-9][0-9]*)$', -2147483648, 2147483647, false),
+    (2, 'bigint', '^(0|-?[1-9][0-9]*)$', -9223372036854775808, 9223372036854775807, false),
+    (3, 'numeric', '^(0|-?[1-9][0-9]*|-?(0|[1-9][0-9]*)\.[0-9]+)$', null, null, false),
+    (4, 'date', '^[0-9]{4}-[0-9]{2}-[0-9]{2}$', null, null, true),
+    (5, 'timestamp', '^[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?)?$', null, null, true),
+    (6, 'timestamptz',
+     '^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?([Zz]|[+-](0[0-9]|1[0-5])(:?[0-5][0-9])?)$',
+     null, null, true)
+$$;
+-- The server reads them as the uploading user.
+grant execute on function snapbase_private.csv_type_rules() to :ROLE_VIEWER;
+comment on function snapbase_private.csv_type_rules() is
+  'The rules of CSV type inference, one row per type (rank: narrowest first, and its bit in a kinds mask): a cell fits when it matches pattern, its number is within [min_value, max_value] where given, and (day_first) its first ten characters are a day that exists. Read by SQL and by the server (src/connectors/csv-inference.ts).';
+
+-- The types inference gives, narrowest first (bit i of a kinds mask is the i-th, 0-based).
+create or replace function snapbase_private.csv_types() returns text[]
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select array_agg(r.type order by r.rank) from snapbase_private.csv_type_rules() r
+$$;
+comment on function snapbase_private.csv_types() is 'The types CSV type inference gives (besides text), narrowest first.';
+
+-- Whether the first ten characters of a text name a day that exists: YYYY-MM-DD with
+-- year 0001 to 9999, month 01 to 12, a day the month has (29 February in leap years).
+-- Text comparisons only (the JavaScript evaluator does the same), so it never raises.
+create or replace function snapbase_private.csv_day_exists(v text) returns boolean
+language sql immutable parallel safe
+return left(v, 4) <> '0000' and case
+  when substr(v, 6, 2) in ('01', '03', '05', '07', '08', '10', '12') then substr(v, 9, 2) collate "C" between '01' and '31'
+  when substr(v, 6, 2) in ('04', '06', '09', '11') then substr(v, 9, 2) collate "C" between '01' and '30'
+  when substr(v, 6, 2) = '02' then substr(v, 9, 2) collate "C" between '01' and (case
+    -- a leap year: divisible by 4, and not by 100 unless by 400
+    when substr(v, 3, 2) in ('04', '08', '12', '16', '20', '24', '28', '32', '36', '40', '44', '48', '52', '56', '60', '64', '68',
+                             '72', '76', '80', '84', '88', '92', '96')
+      or (substr(v, 3, 2) = '00' and left(v, 2) in ('00', '04', '08', '12', '16', '20', '24', '28', '32', '36', '40', '44', '48',
+                                                    '52', '56', '60', '64', '68', '72', '76', '80', '84', '88', '92', '96'))
+    then '29' else '28' end)
+  else false
+end;
+comment on function snapbase_private.csv_day_exists(text) is
+  'CSV type inference: whether the text''s first ten characters, YYYY-MM-DD, are a day that exists (year 1 to 9999). Never raises.';
+
+-- SQL testing whether cell i of the row x.cells fits the rule of `type`; the cast to
+-- numeric runs only once the pattern has matched, so it never raises.
+create or replace function snapbase_private.csv_rule_sql(i integer, type text) returns text
+language sql immutable
+set search_path = pg_catalog
+as $$
+  select format('(case when x.cells[%1$s] ~ %2$L then %3$s and %4$s else false end)', i, r.pattern,
+                case when r.min_value is null then 'true' else format('x.cells[%s]::numeric between %L and %L', i, r.min_value, r.max_value) end,
+                case when r.day_first then format('snapbase_private.csv_day_exists(x.cells[%s])', i) else 'true' end)
+    from snapbase_private.csv_type_rules() r where r.type = csv_rule_sql.type
+$$;
+comment on function snapbase_private.csv_rule_sql(integer, text) is
+  'CSV type inference: SQL testing whether cell i of x.cells fits the rule of `type` (csv_type_rules).';
+
+-- Whether one non-empty cell fits the type (one of csv_types()).
+create or replace function snapbase_private.csv_value_fits(v text, type text) returns boolean
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select coalesce((select case when v ~ r.pattern
+                               then (r.min_value is null or v::numeric between r.min_value and r.max_value)
+                                    and (not r.day_first or snapbase_private.csv_day_exists(v))
+                               else false end
+                     from snapbase_private.csv_type_rules() r where r.type = csv_value_fits.type), false)
+$$;
+comment on function snapbase_private.csv_value_fits(text, text) is
+  'CSV type inference: whether a non-empty cell fits the type''s rule (csv_type_rules).';
+
+-- The types a cell fits, as a mask (bit i: the i-th of csv_types()); null for an
+-- empty cell, which decides nothing.
+create or replace function snapbase_private.csv_value_kinds(v text) returns integer
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select case when v <> '' then coalesce(sum(1 << r.rank) filter (where snapbase_private.csv_value_fits(v, r.type)), 0)::integer end
+    from snapbase_private.csv_type_rules() r
+$$;
+comment on function snapbase_private.csv_value_kinds(text) is
+  'The types a CSV cell fits, as a mask over csv_types() (bit 0: boolean … bit 6: timestamptz); null for an empty cell.';
+
+-- The narrowest type of a kinds mask; text when it has none, or when there was no
+-- value at all (null).
+create or replace function snapbase_private.csv_kinds_type(kinds integer) returns text
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select coalesce((select r.type from snapbase_private.csv_type_rules() r where kinds & (1 << r.rank) <> 0 order by r.rank limit 1), 'text')
+$$;
+comment on function snapbase_private.csv_kinds_type(integer) is
+  'The type CSV type inference gives a column whose cells all fit the kinds mask: its narrowest type, or text.';
+
+-- Two column kinds of the same file, from different rows, as one: the types every
+-- cell of both fits (null: no value yet).
+create or replace function snapbase_private.csv_kinds_merge(a integer[], b integer[]) returns integer[]
+language sql immutable parallel safe
+set search_path = pg_catalog
+as $$
+  select array(select case when x is null then y when y is null then x else x & y end
+                 from unnest(a, b) with ordinality as u(x, y, i) order by u.i)
+$$;
+comment on function snapbase_private.csv_kinds_merge(integer[], integer[]) is
+  'Kinds of one file''s columns from two sets of its rows, combined (elementwise AND; null means no value seen).';
+
+-- The kinds of each of a file's first `width` columns over ALL its rows: for each
+-- column, the types every non-empty cell fits; null when it has no value. The rows
+-- are those of pg_temp.snapbase_csv_staging, or of a staged import.
+--
+-- Set-based: a column's candidate is the narrowest type its first value fits (a
+-- first value that fits nothing makes it text at once), and one scan checks every
+-- column's candidate; a column whose candidate fails tries the next wider type its
+-- first value fits, in another scan.
+create or replace function snapbase_private.csv_column_kinds(width integer, import_id bigint default null) returns integer[]
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+declare
+  types text[] := snapbase_private.csv_types();
+  source text := case when import_id is null then 'select s.cells from pg_temp.snapbase_csv_staging s'
+                      else 'select s.cells from snapbase_private.csv_import_rows s where s.import_id = $1' end;
+  kinds integer[] := array_fill(null::integer, array[greatest(width, 0)]);
+  first_value text;
+  first_kinds integer[] := array_fill(null::integer, array[greatest(width, 0)]);
+  candidate integer[] := array_fill(null::integer, array[greatest(width, 0)]);
+  checks text;
+  verdicts boolean[];
+  i integer;
+  n integer;
+begin
+  for i in 1 .. width loop
+    execute format('select x.cells[%s] from (%s) x where x.cells[%s] <> %L limit 1', i, source, i, '') into first_value using import_id;
+    if first_value is not null then
+      first_kinds[i] := snapbase_private.csv_value_kinds(first_value);
+      kinds[i] := 0;
+      candidate[i] := (select min(b) from generate_series(0, cardinality(types) - 1) b where first_kinds[i] & (1 << b) <> 0);
+    end if;
+  end loop;
+  loop
+    select string_agg(format('coalesce(bool_and(%s) filter (where x.cells[%s] <> %L), true)',
+                             snapbase_private.csv_rule_sql(c.i, types[candidate[c.i] + 1]), c.i, ''), ', ' order by c.i)
+      into checks
+      from generate_series(1, width) c(i) where candidate[c.i] is not null;
+    exit when checks is null;
+    execute format('select array[%s] from (%s) x', checks, source) into verdicts using import_id;
+    n := 0;
+    for i in 1 .. width loop
+      continue when candidate[i] is null;
+      n := n + 1;
+      if verdicts[n] then
+        -- Every cell fits the candidate, so every wider type of its chain too.
+        kinds[i] := first_kinds[i] & ~((1 << candidate[i]) - 1);
+        candidate[i] := null;
+      else
+        candidate[i] := (select min(b) from generate_series(candidate[i] + 1, cardinality(types) - 1) b where first_kinds[i] & (1 << b) <> 0);
+      end if;
+    end loop;
+  end loop;
+  return kinds;
+end;
+$$;
+comment on function snapbase_private.csv_column_kinds(integer, bigint) is
+  'CSV type inference over every row, in SQL: per column, the kinds mask all its non-empty cells fit (null: no value). Rows of pg_temp.snapbase_csv_staging, or of a staged import.';
+
+--------------------------------------------------------------------------------
+-- Staging an import keeps what its columns fit
+--------------------------------------------------------------------------------
+
+create table if not exists snapbase_private.csv_import_kinds (
+  import_id bigint primary key references snapbase.csv_imports on delete cascade,
+  kinds integer[] not null
+);
+comment on table snapbase_private.csv_import_kinds is
+  'Per staged import, the kinds of its columns over every staged row (csv_column_kinds). Missing for imports staged before it existed: the preview then reads the rows.';
+
+-- Moves the rows of pg_temp.snapbase_csv_staging into a staged import. `kinds`: the
+-- kinds of those rows' columns, when the caller (the REST upload, which reads every
+-- row as it streams) computed them with the same rules (csv_type_rules); null: they
+-- are computed here. They only inform the preview's inferred types.
+create or replace function snapbase_private.stage_csv_copy(import_id bigint, kinds integer[] default null) returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  imp snapbase.csv_imports := snapbase_private.require_import(import_id);
+  added bigint;
+begin
+  if imp.state <> 'staged' then
+    raise exception 'CSV import % is %', imp.id, imp.state using errcode = '55000';
+  end if;
+  insert into snapbase_private.csv_import_rows (import_id, line, cells)
+  select imp.id, s.line, s.cells from pg_temp.snapbase_csv_staging s;
+  get diagnostics added = row_count;
+  update snapbase.csv_imports i set row_count = i.row_count + added where i.id = imp.id;
+  -- The kinds cover every row or are not kept (an import staged before they were).
+  if added > 0 and (imp.row_count = 0 or exists (select 1 from snapbase_private.csv_import_kinds k where k.import_id = imp.id)) then
+    if kinds is null or cardinality(kinds) <> cardinality(imp.header) then
+      kinds := snapbase_private.csv_column_kinds(cardinality(imp.header));
+    end if;
+    insert into snapbase_private.csv_import_kinds as k (import_id, kinds) values (imp.id, kinds)
+      on conflict on constraint csv_import_kinds_pkey do update set kinds = snapbase_private.csv_kinds_merge(k.kinds, excluded.kinds);
+  end if;
+  return added;
+end;
+$$;
+comment on function snapbase_private.stage_csv_copy(bigint, integer[]) is
+  'Moves the rows of pg_temp.snapbase_csv_staging (line, cells) into a staged import, keeping the kinds of its columns (given by the REST upload, else computed). For the REST upload and stage_csv_rows.';
+grant execute on function snapbase_private.stage_csv_copy(bigint, integer[]) to :ROLE_VIEWER;
+
+-- A batch of parsed rows [{line, cells}] for a staged import: through the same
+-- staging table as an upload, so the same checks and inference apply.
+create or replace function snapbase.stage_csv_rows(import_id bigint, rows jsonb) returns bigint
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  imp snapbase.csv_imports := snapbase_private.require_import(import_id);
+  added bigint;
+begin
+  if imp.state <> 'staged' then
+    raise exception 'CSV import % is %', imp.id, imp.state using errcode = '55000';
+  end if;
+  if jsonb_typeof(rows) is distinct from 'array'
+     or exists (select 1 from jsonb_array_elements(rows) r
+                 where jsonb_typeof(r) <> 'object' or jsonb_typeof(r -> 'line') <> 'number' or jsonb_typeof(r -> 'cells') <> 'array'
+                    or exists (select 1 from jsonb_array_elements(r -> 'cells') c where jsonb_typeof(c) <> 'string')) then
+    raise exception 'rows must be [{"line": n, "cells": ["text", …]}, …]' using errcode = '22023';
+  end if;
+  create temporary table if not exists snapbase_csv_staging (line integer not null, cells text[] not null) on commit drop;
+  truncate pg_temp.snapbase_csv_staging;
+  insert into pg_temp.snapbase_csv_staging (line, cells)
+  select (r ->> 'line')::integer, array(select jsonb_array_elements_text(r -> 'cells')) from jsonb_array_elements(rows) r;
+  added := snapbase_private.stage_csv_copy(imp.id);
+  truncate pg_temp.snapbase_csv_staging;
+  return added;
+end;
+$$;
+comment on function snapbase.stage_csv_rows(bigint, jsonb) is
+  'Stage a batch of parsed rows [{"line": 2, "cells": ["A", "1"]}, …] for a CSV import started with start_csv_import.';
+
+-- The inferred type of each header column of a staged import.
+create or replace function snapbase_private.csv_import_types(imp snapbase.csv_imports) returns jsonb
+language sql stable
+set search_path = pg_catalog
+as $$
+  select coalesce(jsonb_object_agg(h.name, snapbase_private.csv_kinds_type(k.kinds[h.ord])), '{}')
+    from unnest(imp.header) with ordinality as h(name, ord)
+    cross join (select coalesce((select ik.kinds from snapbase_private.csv_import_kinds ik where ik.import_id = imp.id),
+                                snapbase_private.csv_column_kinds(cardinality(imp.header), imp.id)) as kinds) k
+$$;
+comment on function snapbase_private.csv_import_types(snapbase.csv_imports) is
+  'The type inferred for each header column of a staged import, over all its rows: {"header": "type"}.';
+
+--------------------------------------------------------------------------------
+-- The import preview's inferred types
+--------------------------------------------------------------------------------
+
+create or replace function snapbase.csv_import_preview(import_id bigint, mapping jsonb default null, sample_rows integer default 20) returns jsonb
+language plpgsql stable
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  imp snapbase.csv_imports := snapbase_private.require_import(import_id);
+  t snapbase.workbook_tables;
+begin
+  select * into t from snapbase.workbook_tables where id = imp.table_id;
+  return (select jsonb_build_object(
+    'import_id', imp.id, 'header', to_jsonb(imp.header), 'row_count', imp.row_count,
+    'sample', (select coalesce(jsonb_agg(jsonb_build_object('line', r.line, 'cells', to_jsonb(r.cells)) order by r.line), '[]')
+                 from (select * from snapbase_private.csv_import_rows r where r.import_id = imp.id order by r.line limit sample_rows) r),
+    -- Over every row, by the rules of csv_type_rules.
+    'inferred_types', snapbase_private.csv_import_types(imp),
+    'mapping', (select coalesce(jsonb_object_agg(m.header, case when m.new_scratch then jsonb_build_object('new_scratch', m.col, 'type', m.col_type)
+                                                        else to_jsonb(m.col) end), '{}')
+                  from snapbase_private.import_mapping(imp, t, mapping) m),
+    -- The first 50 cells that do not fit; looked for one by one only if some cell fails.
+    'problems', case when snapbase_private.csv_rows_fit(imp.id, mapped.idx, mapped.types) then '[]'::jsonb else
+      (select coalesce(jsonb_agg(p order by (p ->> 'line')::int), '[]') from (
+        select jsonb_build_object('line', r.line, 'column', m.col, 'value', r.cells[m.idx], 'error', e.err) as p
+          from snapbase_private.csv_import_rows r
+          cross join snapbase_private.import_mapping(imp, t, mapping) m
+          cross join lateral (select snapbase_private.cast_error(r.cells[m.idx], m.col_type) as err) e
+         where r.import_id = imp.id and e.err is not null
+         order by r.line limit 50) x) end)
+    from (select array_agg(idx order by idx) as idx, array_agg(col_type order by idx) as types
+            from snapbase_private.import_mapping(imp, t, mapping)) mapped);
+end;
+$$;
+comment on function snapbase.csv_import_preview(bigint, jsonb, integer) is
+  'Preview a staged CSV import: sample rows, inferred types (every row), the mapping in effect and the rows that would fail, with their line numbers.';
 
 --------------------------------------------------------------------------------
 -- Export follows the table's settings
