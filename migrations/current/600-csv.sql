@@ -1,6 +1,6 @@
 --------------------------------------------------------------------------------
--- CSV: one set of type inference rules, exports that follow the table's settings
--- (issue 13).
+-- CSV: one set of type inference rules, import options, exports that follow the
+-- table's settings (issue 13).
 --------------------------------------------------------------------------------
 -- Type inference. Before, src/connectors/csv.ts and csv_import_preview had rules of
 -- their own that disagreed ("007", an 11-digit integer, "2024-02-30"), and the
@@ -15,10 +15,17 @@
 -- A column's kinds (the types all its cells fit) are kept per import
 -- (csv_import_kinds), so a preview reads them instead of the rows.
 --
+-- Imports: options skip_unchanged (a suggestion equal to the record's current value
+-- is not made) and empty_cells ('skip': an empty cell suggests nothing; 'null': it
+-- suggests NULL). The preview takes the same options and reports what the import
+-- would do, computed by the same SQL (csv_suggestions_sql).
+--
 -- Export: snapbase.export_table_rows follows the table's column order and leaves its
 -- hidden columns out, unless all_columns; table_export_query takes the columns to
 -- write, so share links can pass theirs.
 
+drop function if exists snapbase.csv_import_preview(bigint, jsonb, integer) cascade;
+drop function if exists snapbase.import_csv(bigint, jsonb, text, text, boolean) cascade;
 drop function if exists snapbase.export_table_rows(bigint, boolean) cascade;
 drop function if exists snapbase_private.table_export_query(snapbase.workbook_tables, boolean) cascade;
 drop function if exists snapbase_private.stage_csv_copy(bigint) cascade;
@@ -309,43 +316,374 @@ comment on function snapbase_private.csv_import_types(snapbase.csv_imports) is
   'The type inferred for each header column of a staged import, over all its rows: {"header": "type"}.';
 
 --------------------------------------------------------------------------------
--- The import preview's inferred types
+-- Import: typed cells, options, and what an import does (shared with the preview)
 --------------------------------------------------------------------------------
 
-create or replace function snapbase.csv_import_preview(import_id bigint, mapping jsonb default null, sample_rows integer default 20) returns jsonb
+-- The typed value of cell i of a staged row s. An empty cell is NULL in every type,
+-- text included, as the csv connector reads it.
+create or replace function snapbase_private.typed_cell_sql(i integer, type text) returns text
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+declare
+  canonical text := snapbase_private.resolve_type(type);
+begin
+  return format('case when s.cells[%1$s] = %3$L then null else s.cells[%1$s]::%2$s end', i, canonical, '');
+end;
+$$;
+comment on function snapbase_private.typed_cell_sql(integer, text) is
+  'SQL for the typed value of cell i of staged row s (alias s): NULL when empty, else the cell cast to the canonical type.';
+
+-- Why a text does not fit a type (null when it does). An empty cell is NULL, which fits.
+create or replace function snapbase_private.cast_error(value text, type text) returns text
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+declare
+  canonical text := snapbase_private.resolve_type(type);
+begin
+  if value is null or value = '' then
+    return null;
+  end if;
+  execute format('select $1::%s', canonical) using value;
+  return null;
+exception when data_exception then
+  return sqlerrm;
+end;
+$$;
+comment on function snapbase_private.cast_error(text, text) is
+  'Why a CSV cell does not convert to the type (PostgreSQL''s message), or null when it does; an empty cell is NULL and fits.';
+
+-- The options of an import (and of its preview), checked, with defaults filled in.
+create or replace function snapbase_private.csv_import_options(mode text, key_column text, skip_unchanged boolean, empty_cells text)
+returns jsonb
+language plpgsql immutable
+set search_path = pg_catalog
+as $$
+begin
+  if coalesce(mode, 'records') not in ('records', 'suggestions') then
+    raise exception 'mode must be records or suggestions (got %)', left(mode, 50) using errcode = '22023';
+  end if;
+  if coalesce(empty_cells, 'skip') not in ('skip', 'null') then
+    raise exception 'empty_cells must be skip or null (got %)', left(empty_cells, 50) using errcode = '22023';
+  end if;
+  return jsonb_build_object('mode', coalesce(mode, 'records'), 'key_column', key_column,
+    'skip_unchanged', coalesce(skip_unchanged, true), 'empty_cells', coalesce(empty_cells, 'skip'));
+end;
+$$;
+comment on function snapbase_private.csv_import_options(text, text, boolean, text) is
+  'Checks a CSV import''s options (mode, key_column, skip_unchanged, empty_cells) and returns them with their defaults.';
+
+-- In mode suggestions, the key column (its cell index and type), after checking that
+-- the mapping can be suggested: the key is a table column the mapping fills, and no
+-- other mapped column is read-only. `map` is import_mapping's rows as a JSON array.
+create or replace function snapbase_private.csv_import_key(map jsonb, options jsonb, out key_idx integer, out key_type text)
+language plpgsql immutable
+set search_path = pg_catalog
+as $$
+begin
+  if options ->> 'mode' <> 'suggestions' then
+    return;
+  end if;
+  select (m ->> 'idx')::integer, m ->> 'col_type' into key_idx, key_type
+    from jsonb_array_elements(map) m
+   where m ->> 'col' = options ->> 'key_column' and not (m ->> 'new_scratch')::boolean;
+  if key_idx is null then
+    raise exception 'key_column must be a table column the mapping fills (got %)', coalesce(left(options ->> 'key_column', 100), 'null')
+      using errcode = '22023';
+  end if;
+  if exists (select 1 from jsonb_array_elements(map) m where (m ->> 'read_only')::boolean and m ->> 'col' <> options ->> 'key_column') then
+    raise exception 'read-only column(s) cannot be suggested: %',
+      (select string_agg(m ->> 'col', ', ') from jsonb_array_elements(map) m where (m ->> 'read_only')::boolean and m ->> 'col' <> options ->> 'key_column')
+      using errcode = '22023';
+  end if;
+end;
+$$;
+comment on function snapbase_private.csv_import_key(jsonb, jsonb) is
+  'For a CSV import as suggestions: the key column''s cell index and type; refuses a key the mapping does not fill and read-only columns.';
+
+-- The staged rows (not among the lines $2) whose key matches no record: (line, value).
+-- Parameters: $1 import id, $2 lines to leave out.
+create or replace function snapbase_private.csv_unmatched_sql(t snapbase.workbook_tables, key_column text, key_idx integer, key_type text) returns text
+language sql stable
+set search_path = pg_catalog
+as $$
+  select format($q$select s.line, s.cells[%3$s] as value
+      from snapbase_private.csv_import_rows s
+     where s.import_id = $1 and s.line <> all ($2)
+       and not exists (select 1 from %1$s r where not r.__suggested_new and r.%2$I = %4$s)$q$,
+    snapbase_private.table_rel(t), key_column, key_idx, snapbase_private.typed_cell_sql(key_idx, key_type))
+$$;
+comment on function snapbase_private.csv_unmatched_sql(snapbase.workbook_tables, text, integer, text) is
+  'SQL listing the staged rows whose key matches no record ($1 import id, $2 lines left out).';
+
+-- What importing as suggestions does to each record a staged row's key matches, one
+-- row per record (the file's last row for it wins): __id, the suggestion to merge into
+-- __suggested ({} when nothing is to be suggested), and how many cells were suggested,
+-- left alone as equal to the current value, and left alone as empty. A cell is
+-- suggested unless it is empty and $5 is false (empty_cells 'skip'), or $4
+-- (skip_unchanged) and its value, as JSON, equals the record's current value (NULL
+-- equals NULL). Parameters: $1 import id, $2 lines to leave out, $3 who suggests,
+-- $4 skip_unchanged, $5 empty cells suggest NULL. Both import_csv and the preview run it.
+create or replace function snapbase_private.csv_suggestions_sql(t snapbase.workbook_tables, key_column text, key_idx integer, key_type text, map jsonb)
+returns text
+language sql stable
+set search_path = pg_catalog
+as $$
+  with m as (
+    select e.idx, e.col, e.col_type, e.new_scratch, row_number() over (order by e.idx) as j,
+           format('coalesce(s.cells[%s], %L) <> %L', e.idx, '', '') as filled,
+           format('(to_jsonb(x.%I) is not distinct from to_jsonb(%s))', 'v' || e.idx,
+                  case when e.new_scratch then 'null' else format('r.%I', e.col) end) as same
+      from jsonb_to_recordset(map) as e(idx integer, col text, col_type text, new_scratch boolean)
+     where e.col <> key_column
+  ), p as (
+    select m.*, format('((%s or $5) and not ($4 and %s))', m.filled, m.same) as suggest from m
+  )
+  select format($q$select distinct on (r.__id) r.__id, %1$s as suggestion,
+           %2$s as suggested_cells, %3$s as unchanged_cells, %4$s as empty_cells_skipped
+      from snapbase_private.csv_import_rows s
+      cross join lateral (select %5$s) x
+      join %6$s r on r.%7$I = %8$s and not r.__suggested_new
+     where s.import_id = $1 and s.line <> all ($2)
+     order by r.__id, s.line desc$q$,
+    coalesce(string_agg(format('case when %s then jsonb_build_object(%L, jsonb_build_object(%L, x.%I, %L, $3::text, %L, now())) else %L::jsonb end',
+                               p.suggest, p.col, 'value', 'v' || p.idx, 'by', 'at', '{}'), ' || ' order by p.j), quote_literal('{}') || '::jsonb'),
+    coalesce(string_agg(format('%s::integer', p.suggest), ' + ' order by p.j), '0'),
+    coalesce(string_agg(format('((%s or $5) and $4 and %s)::integer', p.filled, p.same), ' + ' order by p.j), '0'),
+    coalesce(string_agg(format('(not %s and not $5)::integer', p.filled), ' + ' order by p.j), '0'),
+    coalesce(string_agg(format('%s as %I', snapbase_private.typed_cell_sql(p.idx, p.col_type), 'v' || p.idx), ', ' order by p.j), '1 as v0'),
+    snapbase_private.table_rel(t), key_column, snapbase_private.typed_cell_sql(key_idx, key_type))
+  from p
+$$;
+comment on function snapbase_private.csv_suggestions_sql(snapbase.workbook_tables, text, integer, text, jsonb) is
+  'SQL computing, per matched record, the suggestion a CSV import makes and its cell counts ($1 import, $2 lines left out, $3 by, $4 skip_unchanged, $5 empty cells as NULL). Shared by import_csv and csv_import_preview.';
+
+-- What an import would do: a sample, the types the values look like (over every
+-- row), the mapping and options in effect, the cells that would fail (at most 50,
+-- with line and reason; in mode suggestions also the rows whose key matches no
+-- record), and the outcome: what import_csv with the same arguments would report,
+-- computed by the same SQL. The outcome is null when it cannot be told cheaply:
+-- nothing is mapped, or more than 50 cells fail (fix the mapping first).
+create or replace function snapbase.csv_import_preview(import_id bigint, mapping jsonb default null, sample_rows integer default 20,
+                                                       mode text default 'records', key_column text default null,
+                                                       skip_unchanged boolean default true, empty_cells text default 'skip')
+returns jsonb
 language plpgsql stable
 security definer
 set search_path = pg_catalog
 as $$
 declare
   imp snapbase.csv_imports := snapbase_private.require_import(import_id);
+  options jsonb := snapbase_private.csv_import_options(mode, key_column, skip_unchanged, empty_cells);
   t snapbase.workbook_tables;
+  map jsonb;
+  key record;
+  rel text;
+  problems jsonb := '[]';
+  found bigint := 0;
+  bad integer[] := '{}';
+  complete boolean := true;
+  unmatched bigint;
+  unmatched_problems jsonb;
+  outcome jsonb;
+  counts record;
 begin
   select * into t from snapbase.workbook_tables where id = imp.table_id;
-  return (select jsonb_build_object(
+  rel := snapbase_private.table_rel(t);
+  select coalesce(jsonb_agg(to_jsonb(m) order by m.idx), '[]') into map from snapbase_private.import_mapping(imp, t, mapping) m;
+  select * into key from snapbase_private.csv_import_key(map, options);
+  if jsonb_array_length(map) = 0 then
+    complete := false;
+  elsif not snapbase_private.csv_rows_fit(imp.id, array(select (e ->> 'idx')::integer from jsonb_array_elements(map) e order by 1),
+                                          array(select e ->> 'col_type' from jsonb_array_elements(map) e order by (e ->> 'idx')::integer)) then
+    -- Cell by cell, in line order, until 51 failures: with 50 or fewer, every row was
+    -- checked and the failing lines are known.
+    select coalesce(jsonb_agg(x.p order by x.line, x.idx), '[]'), count(*), coalesce(array_agg(distinct x.line), '{}')
+      into problems, found, bad
+      from (select jsonb_build_object('line', r.line, 'column', m.col, 'value', r.cells[m.idx], 'error', e.err) as p, r.line, m.idx
+              from snapbase_private.csv_import_rows r
+              cross join jsonb_to_recordset(map) as m(idx integer, col text, col_type text)
+              cross join lateral (select snapbase_private.cast_error(r.cells[m.idx], m.col_type) as err) e
+             where r.import_id = imp.id and e.err is not null
+             order by r.line, m.idx limit 51) x;
+    complete := found <= 50;
+    if not complete then
+      problems := problems - 50;
+    end if;
+  end if;
+  if complete and options ->> 'mode' = 'records' then
+    outcome := jsonb_build_object('created', imp.row_count - cardinality(bad), 'bad_rows', cardinality(bad));
+  elsif complete then
+    execute format('select count(*), coalesce(jsonb_agg(jsonb_build_object(%L, u.line, %L, $3::text, %L, u.value, %L, format(%L, $3::text, u.value)) order by u.line)
+                             filter (where u.n <= 50), %L) from (select u.*, row_number() over (order by u.line) as n from (%s) u) u',
+                   'line', 'column', 'value', 'error', 'no record with %s = %s', '[]',
+                   snapbase_private.csv_unmatched_sql(t, key_column, key.key_idx, key.key_type))
+      into unmatched, unmatched_problems using imp.id, bad, key_column;
+    problems := (select coalesce(jsonb_agg(p order by (p ->> 'line')::integer, p ->> 'column'), '[]')
+                   from (select p from jsonb_array_elements(problems || unmatched_problems) p order by (p ->> 'line')::integer limit 50) x);
+    execute format('select count(*) filter (where m.suggestion <> %L) as suggested, coalesce(sum(m.suggested_cells), 0) as suggested_cells,
+                           coalesce(sum(m.unchanged_cells), 0) as unchanged_cells, coalesce(sum(m.empty_cells_skipped), 0) as empty_cells_skipped
+                      from (%s) m', '{}', snapbase_private.csv_suggestions_sql(t, key_column, key.key_idx, key.key_type, map))
+      into counts
+      using imp.id, bad, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user), options -> 'skip_unchanged' = 'true',
+            options ->> 'empty_cells' = 'null';
+    outcome := jsonb_build_object('suggested', counts.suggested, 'suggested_cells', counts.suggested_cells,
+      'unchanged_cells', counts.unchanged_cells, 'empty_cells_skipped', counts.empty_cells_skipped,
+      'unmatched', unmatched, 'bad_rows', cardinality(bad));
+  end if;
+  return jsonb_build_object(
     'import_id', imp.id, 'header', to_jsonb(imp.header), 'row_count', imp.row_count,
     'sample', (select coalesce(jsonb_agg(jsonb_build_object('line', r.line, 'cells', to_jsonb(r.cells)) order by r.line), '[]')
                  from (select * from snapbase_private.csv_import_rows r where r.import_id = imp.id order by r.line limit sample_rows) r),
-    -- Over every row, by the rules of csv_type_rules.
     'inferred_types', snapbase_private.csv_import_types(imp),
-    'mapping', (select coalesce(jsonb_object_agg(m.header, case when m.new_scratch then jsonb_build_object('new_scratch', m.col, 'type', m.col_type)
-                                                        else to_jsonb(m.col) end), '{}')
-                  from snapbase_private.import_mapping(imp, t, mapping) m),
-    -- The first 50 cells that do not fit; looked for one by one only if some cell fails.
-    'problems', case when snapbase_private.csv_rows_fit(imp.id, mapped.idx, mapped.types) then '[]'::jsonb else
-      (select coalesce(jsonb_agg(p order by (p ->> 'line')::int), '[]') from (
-        select jsonb_build_object('line', r.line, 'column', m.col, 'value', r.cells[m.idx], 'error', e.err) as p
-          from snapbase_private.csv_import_rows r
-          cross join snapbase_private.import_mapping(imp, t, mapping) m
-          cross join lateral (select snapbase_private.cast_error(r.cells[m.idx], m.col_type) as err) e
-         where r.import_id = imp.id and e.err is not null
-         order by r.line limit 50) x) end)
-    from (select array_agg(idx order by idx) as idx, array_agg(col_type order by idx) as types
-            from snapbase_private.import_mapping(imp, t, mapping)) mapped);
+    'mapping', (select coalesce(jsonb_object_agg(m ->> 'header', case when (m ->> 'new_scratch')::boolean
+                                                                     then jsonb_build_object('new_scratch', m ->> 'col', 'type', m ->> 'col_type')
+                                                                     else m -> 'col' end), '{}')
+                  from jsonb_array_elements(map) m),
+    'options', options,
+    'problems', problems,
+    'outcome', outcome);
 end;
 $$;
-comment on function snapbase.csv_import_preview(bigint, jsonb, integer) is
-  'Preview a staged CSV import: sample rows, inferred types (every row), the mapping in effect and the rows that would fail, with their line numbers.';
+comment on function snapbase.csv_import_preview(bigint, jsonb, integer, text, text, boolean, text) is
+  'Preview a staged CSV import with import_csv''s arguments: sample rows, inferred types (every row), the mapping and options in effect, failing cells (line, column, reason; at most 50) and the outcome import_csv would report (null when nothing is mapped or more than 50 cells fail).';
+grant execute on function snapbase.csv_import_preview(bigint, jsonb, integer, text, text, boolean, text) to :ROLE_VIEWER;
+
+-- Imports a staged file: as new records (mode 'records'), or as suggestions on the
+-- records whose key_column equals the row's value for it (mode 'suggestions'), where
+-- skip_unchanged leaves out values equal to the record's current ones and empty_cells
+-- says what an empty cell suggests ('skip': nothing; 'null': NULL). In mode records
+-- an empty cell is an empty (NULL) field. One transaction: unless skip_bad_rows, a
+-- single bad row imports nothing and the result lists every error with its line.
+-- A clean file is converted in one statement; cell-by-cell checks run only when some
+-- value does not fit its column, to name each failing line.
+create or replace function snapbase.import_csv(import_id bigint, mapping jsonb default null, mode text default 'records',
+                                               key_column text default null, skip_bad_rows boolean default false,
+                                               skip_unchanged boolean default true, empty_cells text default 'skip')
+returns jsonb
+language plpgsql
+security definer
+set search_path = pg_catalog
+as $$
+declare
+  imp snapbase.csv_imports := snapbase_private.require_import(import_id);
+  options jsonb := snapbase_private.csv_import_options(mode, key_column, skip_unchanged, empty_cells);
+  t snapbase.workbook_tables;
+  rel text;
+  scratch record;
+  key record;
+  map jsonb;
+  errors jsonb;
+  bad_lines integer[];
+  processed bigint;
+  created bigint := 0;
+  suggested bigint := 0;
+  suggested_cells bigint := 0;
+  unchanged_cells bigint := 0;
+  empty_cells_skipped bigint := 0;
+  unmatched bigint := 0;
+  skipped bigint := 0;
+  cells_sql text;
+  outcome jsonb;
+begin
+  if imp.state <> 'staged' then
+    raise exception 'CSV import % was imported already', imp.id using errcode = '55000';
+  end if;
+  select * into t from snapbase.workbook_tables where id = imp.table_id;
+  begin
+    -- New scratch columns first, so the rest sees them.
+    for scratch in select * from snapbase_private.import_mapping(imp, t, mapping) where new_scratch loop
+      t := snapbase.add_scratch_column(t.id, scratch.col, scratch.col_type);
+    end loop;
+    rel := snapbase_private.table_rel(t);
+    create temporary table snapbase_import_map on commit drop as
+      select * from snapbase_private.import_mapping(imp, t, mapping);
+    if not exists (select 1 from snapbase_import_map) then
+      raise exception 'the mapping imports no column' using errcode = '22023';
+    end if;
+    select coalesce(jsonb_agg(to_jsonb(m) order by m.idx), '[]') into map from snapbase_import_map m;
+    select * into key from snapbase_private.csv_import_key(map, options);
+
+    select count(*) into processed from snapbase_private.csv_import_rows r where r.import_id = imp.id;
+    cells_sql := (select string_agg(snapbase_private.typed_cell_sql(idx, col_type), ', ' order by idx) from snapbase_import_map);
+    -- Rows that do not fit, with every reason; filled only if the first attempt fails.
+    create temporary table snapbase_import_bad (line integer not null, error text not null) on commit drop;
+
+    <<attempts>>
+    for attempt in 1..2 loop
+      begin
+        if options ->> 'mode' = 'records' then
+          execute format($q$
+            insert into %1$s (%2$s, __created, __edited)
+            select %3$s, true, $2
+              from snapbase_private.csv_import_rows s
+             where s.import_id = $1 and not exists (select 1 from snapbase_import_bad b where b.line = s.line)
+             order by s.line$q$,
+            rel, (select string_agg(format('%I', col), ', ' order by idx) from snapbase_import_map), cells_sql)
+            using imp.id, (select jsonb_object_agg(col, now()) from snapbase_import_map);
+          get diagnostics created = row_count;
+        else
+          bad_lines := array(select b.line from snapbase_import_bad b);
+          -- Rows whose key matches no record are reported, and count as skipped.
+          execute format($q$insert into snapbase_import_bad (line, error)
+                            select u.line, format('no record with %%s = %%s', $3::text, u.value) from (%s) u$q$,
+                         snapbase_private.csv_unmatched_sql(t, key_column, key.key_idx, key.key_type))
+            using imp.id, bad_lines, key_column;
+          get diagnostics unmatched = row_count;
+          execute format($q$with m as materialized (%s),
+              u as (update %s r set __suggested = r.__suggested || m.suggestion, __updated_at = now()
+                      from m where r.__id = m.__id and m.suggestion <> '{}' returning 1)
+            select (select count(*) from u), coalesce(sum(m.suggested_cells), 0), coalesce(sum(m.unchanged_cells), 0),
+                   coalesce(sum(m.empty_cells_skipped), 0)
+              from m$q$,
+            snapbase_private.csv_suggestions_sql(t, key_column, key.key_idx, key.key_type, map), rel)
+            into suggested, suggested_cells, unchanged_cells, empty_cells_skipped
+            using imp.id, bad_lines, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user),
+                  options -> 'skip_unchanged' = 'true', options ->> 'empty_cells' = 'null';
+        end if;
+        exit attempts;
+      exception when data_exception then
+        -- Some value does not fit its column (this attempt is undone): find every
+        -- such row, then write the others.
+        if attempt = 2 then
+          raise;
+        end if;
+        insert into snapbase_import_bad (line, error)
+        select r.line, string_agg(format('column %s: %s', m.col, e.err), '; ' order by m.idx)
+          from snapbase_private.csv_import_rows r
+          cross join snapbase_import_map m
+          cross join lateral (select snapbase_private.cast_error(r.cells[m.idx], m.col_type) as err) e
+         where r.import_id = imp.id and e.err is not null
+         group by r.line;
+      end;
+    end loop;
+
+    select coalesce(jsonb_agg(jsonb_build_object('line', b.line, 'error', b.error) order by b.line), '[]'), count(*)
+      into errors, skipped from snapbase_import_bad b;
+    if skipped > 0 and not coalesce(skip_bad_rows, false) then
+      raise exception 'the file has bad rows' using errcode = 'SB002';
+    end if;
+  exception when sqlstate 'SB002' then
+    -- Undoes everything above (scratch columns included); the errors are reported.
+    return jsonb_build_object('ok', false, 'processed', processed, 'created', 0, 'suggested', 0, 'suggested_cells', 0,
+      'unchanged_cells', 0, 'empty_cells_skipped', 0, 'unmatched', unmatched, 'bad_rows', skipped - unmatched, 'skipped', 0,
+      'errors', errors, 'options', options);
+  end;
+  outcome := jsonb_build_object('ok', true, 'processed', processed, 'created', created, 'suggested', suggested,
+    'suggested_cells', suggested_cells, 'unchanged_cells', unchanged_cells, 'empty_cells_skipped', empty_cells_skipped,
+    'unmatched', unmatched, 'bad_rows', skipped - unmatched, 'skipped', skipped, 'errors', errors, 'options', options);
+  update snapbase.csv_imports i set state = 'imported', result = outcome where i.id = imp.id;
+  delete from snapbase_private.csv_import_rows r where r.import_id = imp.id;
+  delete from snapbase_private.csv_import_kinds k where k.import_id = imp.id;
+  perform snapbase_private.audit_workbook('import_csv', t.workbook_id, 'workbook_table', t.id::text, rel,
+    jsonb_build_object('import_id', imp.id) || options || (outcome - 'errors' - 'options'));
+  return outcome;
+end;
+$$;
+comment on function snapbase.import_csv(bigint, jsonb, text, text, boolean, boolean, text) is
+  'Import a staged CSV as new records or as suggestions (matched by key_column; skip_unchanged: no suggestion equal to the current value; empty_cells skip|null); all or nothing unless skip_bad_rows. Errors carry line numbers.';
+grant execute on function snapbase.import_csv(bigint, jsonb, text, text, boolean, boolean, text) to :ROLE_VIEWER;
 
 --------------------------------------------------------------------------------
 -- Export follows the table's settings
