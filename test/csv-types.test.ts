@@ -93,6 +93,28 @@ describe("CSV type inference", () => {
     expect(types).toEqual(Object.fromEntries(Object.entries(EXPECTED).map(([name, type]) => [name, CANONICAL[type] ?? type])));
   });
 
+  it("a workbook downloaded under other types fails its refresh naming the column, until set_csv_column_types pins it", async () => {
+    const res = await fetch(`${server.url}/api/v1/csv-files?name=times.csv`, {
+      method: "POST", headers: { authorization: `Bearer ${token}`, "content-type": "text/csv" }, body: "id,at\n1,2024-01-01 10:00\n2,2024-01-02 11:00\n" });
+    const fileId = (await res.json()).file.id;
+    const account = (await gql(`mutation($c: JSON!) { createConnectorAccount(input: { kind: "csv", name: "times", credentials: $c }) { result { rowId } } }`,
+      { c: { file_id: Number(fileId) } })).createConnectorAccount.result.rowId;
+    const wb = (await gql(`mutation($a: BigInt!) { createWorkbookFromRemote(input: { name: "Times", accountId: $a, remoteTables: ["times.csv"] }) { result { rowId } } }`,
+      { a: account })).createWorkbookFromRemote.result.rowId;
+    const { rows: [job] } = await owner().query("select id from snapbase.jobs where workbook_id = $1", [wb]);
+    const tableId = (await settled(job.id, 60_000)).table_id;
+    // As the earlier rules downloaded it: times without a zone as timestamptz.
+    const { rows: [t] } = await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [tableId]);
+    await owner().query(`alter table ${t.rel} alter column at type timestamptz;
+      update snapbase.workbook_tables set columns = (select jsonb_agg(case when c ->> 'name' = 'at' then c || '{"type": "timestamp with time zone"}' else c end order by o)
+        from jsonb_array_elements(columns) with ordinality e(c, o)) where id = ${Number(tableId)}`);
+    const refresh = async () => settled((await gql(`mutation($t: BigInt!) { refreshWorkbookTable(input: { tableId: $t }) { result { rowId } } }`, { t: tableId }))
+      .refreshWorkbookTable.result.rowId, 60_000);
+    expect(await refresh()).toMatchObject({ state: "failed", error: expect.stringMatching(/retyped: at/) });
+    await gql(`mutation($f: BigInt!) { setCsvColumnTypes(input: { fileId: $f, columnTypes: { at: "timestamptz" } }) { clientMutationId } }`, { f: fileId });
+    expect(await refresh()).toMatchObject({ state: "succeeded" });
+  });
+
   it("a value the rules give a type always converts to it", async () => {
     const values = ["0", "-0", "007", "5", "-5", "2147483647", "2147483648", "-2147483648", "-2147483649", "9223372036854775807",
       "9223372036854775808", "-9223372036854775808", "99999999999999999999999", "1.5", "-0.25", "1.", ".5", "1e5", "1,000", "NaN",
