@@ -43,12 +43,20 @@ async function feed(req: Request, parser: ReturnType<typeof parse>): Promise<voi
 }
 
 const COPY_ESCAPES: Record<string, string> = { "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+const ARRAY_SPECIAL = /[\\"]/;
+const COPY_SPECIAL = /[\\\n\r\t]/;
 
 /** One line of COPY's text format for (line, cells): cells as a text[] literal with
- *  every element quoted, then escaped for COPY. */
+ *  every element quoted, then escaped for COPY. Most cells need no escaping: they are
+ *  tested first, which saves about as much as inferring the types costs. */
 function stagingLine(line: number, cells: string[]): string {
-  const literal = `{${cells.map((c) => `"${c.replace(/[\\"]/g, "\\$&")}"`).join(",")}}`;
-  return `${line}\t${literal.replace(/[\\\n\r\t]/g, (ch) => COPY_ESCAPES[ch]!)}\n`;
+  let literal = "{";
+  for (let i = 0; i < cells.length; i++) {
+    const c = cells[i]!;
+    literal += (i === 0 ? '"' : ',"') + (ARRAY_SPECIAL.test(c) ? c.replace(/[\\"]/g, "\\$&") : c) + '"';
+  }
+  literal += "}";
+  return `${line}\t${COPY_SPECIAL.test(literal) ? literal.replace(/[\\\n\r\t]/g, (ch) => COPY_ESCAPES[ch]!) : literal}\n`;
 }
 
 /** The parser's records after the header, as COPY text in batches; each record also goes to `seen`. */
