@@ -479,7 +479,6 @@ declare
   t snapbase.workbook_tables;
   map jsonb;
   key record;
-  rel text;
   problems jsonb := '[]';
   found bigint := 0;
   bad integer[] := '{}';
@@ -490,7 +489,6 @@ declare
   counts record;
 begin
   select * into t from snapbase.workbook_tables where id = imp.table_id;
-  rel := snapbase_private.table_rel(t);
   select coalesce(jsonb_agg(to_jsonb(m) order by m.idx), '[]') into map from snapbase_private.import_mapping(imp, t, mapping) m;
   select * into key from snapbase_private.csv_import_key(map, options);
   if jsonb_array_length(map) = 0 then
