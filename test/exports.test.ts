@@ -95,6 +95,33 @@ describe("CSV export", () => {
     expect((await download(`/api/v1/workbook-tables/${t}/export.csv`, null)).status).toBe(401); // signed-in users only
   });
 
+  it("follows the table's column order and leaves hidden columns out, unless asked for every column", async () => {
+    const { t } = await workbookTable();
+    await gql(`mutation($t: BigInt!) { updateTableSettings(input: { tableId: $t, columnOrder: ["price", "id"], hiddenColumns: ["doc", "tags"] }) { clientMutationId } }`, { t });
+    const file = await download(`/api/v1/workbook-tables/${t}/export.csv`);
+    expect(file.status).toBe(200);
+    const lines = file.text.split("\n");
+    // The ordered columns first, then the others in table order; hidden ones nowhere.
+    expect(lines[0]).toBe("price,id,note,at");
+    expect(lines[1]).toBe("1.50,1,plain,2024-02-29 23:59:59.123456+00");
+    expect(file.text).not.toContain("é 🐘");
+    // The filter and the settings together.
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "price > 1" }) { clientMutationId } }`, { t });
+    expect((await download(`/api/v1/workbook-tables/${t}/export.csv?filter=active`)).text.split("\n").slice(0, 2))
+      .toEqual(["price,id,note,at", "1.50,1,plain,2024-02-29 23:59:59.123456+00"]);
+
+    // Every column, in the table's own order: the file loads back with COPY as before.
+    const all = await download(`/api/v1/workbook-tables/${t}/export.csv?columns=all`);
+    expect(all.text.split("\n")[0]).toBe("id,note,price,tags,doc,at");
+    expect(await copyBack(all.text, "public.export_all")).toHaveLength(4);
+    expect((await download(`/api/v1/workbook-tables/${t}/export.csv?columns=some`)).status).toBe(400);
+
+    // The same in SQL.
+    const header = async (sql: string) => (await owner().query(`select e from ${sql} e limit 1`, [t])).rows[0].e;
+    expect(await header("snapbase.export_table_rows($1)")).toEqual(["price", "id", "note", "at"]);
+    expect(await header("snapbase.export_table_rows($1, all_columns => true)")).toEqual(["id", "note", "price", "tags", "doc", "at"]);
+  });
+
   it("writes a snapshot that COPY loads back equal to the table it was taken of", async () => {
     await owner().query(`drop table if exists public.snap_src; create table public.snap_src (${COLUMNS.map((c) => `${c.name} ${c.type}`).join(", ")}, primary key (id))`);
     await owner().query(`insert into public.snap_src select * from jsonb_populate_recordset(null::public.snap_src, $1)`, [JSON.stringify(VALUES)]);

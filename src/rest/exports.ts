@@ -51,10 +51,15 @@ export function exportRoutes(deps: { pool: pg.Pool }): Router {
     res.end();
   }
 
+  // The table's column order without its hidden columns; ?columns=all: every column, in table order.
   router.get("/workbook-tables/:id/export.csv", async (req, res) => {
     const id = idParam(req, "id");
     const filtered = req.query.filter === "active";
-    await sendCsv(req, res, `table-${id}.csv`, "snapbase.export_table_rows($1, $2)", [id, filtered]);
+    const columns = req.query.columns ?? "table";
+    if (columns !== "table" && columns !== "all") {
+      throw new HttpError(400, "invalid_columns", `columns must be table (the table's column order, hidden columns left out) or all (got ${JSON.stringify(columns)})`);
+    }
+    await sendCsv(req, res, `table-${id}.csv`, "snapbase.export_table_rows($1, $2, $3)", [id, filtered, columns === "all"]);
   });
 
   router.get("/snapshots/:id/export.csv", async (req, res) => {
