@@ -71,8 +71,14 @@ export function changeRoutes(deps: { pool: pg.Pool }): Router {
 
   router.post("/snapshots/:snapshot_id/restore", async (req, res) => {
     const id = idParam(req, "snapshot_id");
-    const reason = bodyOf(req).reason;
-    const change = await asUser(req, async (c) => (await c.query("select * from snapbase.restore_snapshot($1, $2)", [id, reason ?? null])).rows[0]);
+    const body = bodyOf(req);
+    const reason = typeof body.reason === "string" ? body.reason : null;
+    // {"keys": [{pk: value}, …]} restores only those rows.
+    if (body.keys !== undefined && !Array.isArray(body.keys)) throw new HttpError(400, "invalid_body", '"keys" must be an array of primary keys');
+    const change = await asUser(req, async (c) =>
+      body.keys === undefined
+        ? (await c.query("select * from snapbase.restore_snapshot($1, $2)", [id, reason])).rows[0]
+        : (await c.query("select * from snapbase.restore_rows($1, $2, $3)", [id, JSON.stringify(body.keys), reason])).rows[0]);
     res.status(change.status === "approved" ? 200 : 422).json({ change_request: change });
   });
 
