@@ -395,3 +395,277 @@ async function walk(spec: Spec, seed: number): Promise<void> {
                                            where not exists (select 1 from snapbase_private.snapshot_trees t where p.id = any (t.page_ids))`)).rows;
   expect(orphans).toBe(0);
 }
+
+/** Approves one SQL change to a table as the admin (submitted by the editor); the snapshot it took. */
+async function approveChange(table: string, text: string) {
+  const submitter = await userClient(editor);
+  const approver = await userClient(admin);
+  try {
+    const { rows: [cr] } = await submitter.query("select id from snapbase.submit_change($1, $2, 'test')", [table, text]);
+    const { rows: [done] } = await approver.query("select * from snapbase.approve_change($1)", [cr.id]);
+    expect(done.status, done.error_message).toBe("approved");
+    return (await q("select * from snapbase.snapshots where id = $1", [done.snapshot_id]))[0];
+  } finally {
+    await Promise.all([submitter.end(), approver.end()]);
+    clients.splice(clients.indexOf(submitter), 1);
+    clients.splice(clients.indexOf(approver), 1);
+  }
+}
+const takeSnapshot = async (table: string) => (await q("select * from snapbase.take_snapshot($1, 'test')", [table]))[0];
+async function expectExact(table: string, order: string, snap: { id: string }) {
+  expect(await snapshotTexts(sql, snap.id)).toEqual(await tableTexts(sql, table, order));
+  await expectSameAsFullCapture(sql, table, snap.id, `${table}: snapshot ${snap.id}`);
+}
+
+describe("the work an approval does under its lock follows the change, not the table", () => {
+  it("counts the chunks each snapshot built: one for a one-row UPDATE, the tail for appended rows, a range for a range", async () => {
+    const table = "t15.counted";
+    await q(`create table ${table} (id int primary key, label text, amount numeric(12,2));
+             insert into ${table} select g, md5(g::text), g / 7.0 from generate_series(1, 120000) g;
+             analyze ${table};
+             select snapbase.register_table('${table}')`);
+    const first = await takeSnapshot(table);
+    expect(first).toMatchObject({ build: "full", build_reason: "the first snapshot of the table" });
+    expect(first.chunks_built).toBe(first.chunk_count);
+    expect(first.chunk_count).toBeGreaterThan(400);
+
+    const one = await approveChange(table, `update ${table} set label = 'one' where id = 60000`);
+    expect(one).toMatchObject({ build: "incremental", build_reason: null, chunks_built: 1, chunk_count: first.chunk_count });
+    await expectExact(table, "id", one);
+
+    // Deleting a row that starts a chunk merges it into the chunk before: still at most two.
+    const [{ boundary }] = await q(`select (boundary::text)::int as boundary from (select (regexp_match(sc.boundary, '\\d+'))[1] as boundary
+                                      from snapbase_private.snapshot_chunks sc where sc.snapshot_id = $1 and sc.seq = 100) x`, [one.id]);
+    const merged = await approveChange(table, `delete from ${table} where id = ${boundary}`);
+    expect(merged).toMatchObject({ build: "incremental", chunks_built: 1, chunk_count: one.chunk_count - 1 });
+    await expectExact(table, "id", merged);
+
+    // 1,000 new keys after the last one: only the last chunk and the new ones.
+    const appended = await approveChange(table, `insert into ${table} select g, 'new', 1 from generate_series(120001, 121000) g`);
+    expect(appended.build).toBe("incremental");
+    expect(appended.chunk_count).toBe(merged.chunk_count - 1 + appended.chunks_built);
+    expect(appended.chunks_built).toBeLessThan(15);
+    await expectExact(table, "id", appended);
+
+    // 15,000 contiguous rows: tracked as a range of the key, not key by key.
+    const submitted = await approveChange(table, `update ${table} set amount = amount + 1 where id between 30001 and 45000`);
+    expect(submitted.build).toBe("incremental");
+    expect(submitted.chunks_built).toBeGreaterThan(40);
+    expect(submitted.chunks_built).toBeLessThan(90);
+    await expectExact(table, "id", submitted);
+
+    // No change at all: nothing is read.
+    const again = await takeSnapshot(table);
+    expect(again).toMatchObject({ build: "incremental", chunks_built: 0, new_stored_bytes: "0", stored_bytes: submitted.stored_bytes });
+  });
+});
+
+describe("what tracking covers, and the fallbacks", () => {
+  it("writes by any role, in replica mode, by COPY and by foreign-key cascades are tracked", async () => {
+    await q(`create table t15.parent (id int primary key);
+             create table t15.child (id int primary key, parent int references t15.parent on delete cascade, v text);
+             insert into t15.parent select g from generate_series(1, 50) g;
+             insert into t15.child select g, (g - 1) / 100 + 1, md5(g::text) from generate_series(1, 5000) g;
+             select snapbase.register_table('t15.child')`);
+    await takeSnapshot("t15.child");
+    await q("delete from t15.parent where id = 7");
+    const cascaded = await takeSnapshot("t15.child");
+    expect(cascaded).toMatchObject({ build: "incremental", record_count: "4900" });
+    await expectExact("t15.child", "id", cascaded);
+
+    // An application role with nothing but table grants: the trigger still records (SECURITY DEFINER).
+    const adminSession = await userClient(admin);
+    await adminSession.query("update t15.child set v = 'by admin' where id between 10 and 20");
+    const byAdmin = await takeSnapshot("t15.child");
+    expect(byAdmin.build).toBe("incremental");
+    await expectExact("t15.child", "id", byAdmin);
+
+    await pipeline(Readable.from(["9001\t1\tcopied\n", "9002\t2\t\\N\n"]), sql.query(copyFrom("copy t15.child (id, parent, v) from stdin")));
+    const copied = await takeSnapshot("t15.child");
+    expect(copied).toMatchObject({ build: "incremental", record_count: "4902" });
+    await expectExact("t15.child", "id", copied);
+
+    const root = await rootClient();
+    await root.query("set session_replication_role = replica; update t15.child set v = 'replica' where id = 99; set session_replication_role = origin");
+    const replica = await takeSnapshot("t15.child");
+    expect(replica).toMatchObject({ build: "incremental", chunks_built: 1 });
+    await expectExact("t15.child", "id", replica);
+    expect((await q("select tgname, tgenabled from pg_trigger where tgrelid = 't15.child'::regclass and tgname like '_900%' order by 1")))
+      .toEqual(["delete", "insert", "truncate", "update"].map((e) => ({ tgname: `_900_snapbase_track_${e}`, tgenabled: "A" })));
+  });
+
+  it("TRUNCATE, a statement over a fifth of the table, and a rewrite of the table make the next snapshot full", async () => {
+    await q(`create table t15.falls (id int primary key, v int);
+             insert into t15.falls select g, g from generate_series(1, 60000) g;
+             analyze t15.falls;
+             select snapbase.register_table('t15.falls')`);
+    await takeSnapshot("t15.falls");
+    await q("update t15.falls set v = v + 1 where id <= 20000");
+    const bulk = await takeSnapshot("t15.falls");
+    expect(bulk).toMatchObject({ build: "full", build_reason: "a statement (UPDATE) changed over 12000 rows" });
+    await expectExact("t15.falls", "id", bulk);
+
+    await q("alter table t15.falls alter column v type int using v * 2");
+    const rewritten = await takeSnapshot("t15.falls");
+    expect(rewritten.build).toBe("full");
+    expect(rewritten.build_reason).toMatch(/^the table was rewritten/);
+    await expectExact("t15.falls", "id", rewritten);
+
+    await q("begin; truncate t15.falls; insert into t15.falls values (1, 1); commit");
+    const truncated = await takeSnapshot("t15.falls");
+    expect(truncated).toMatchObject({ build: "full", build_reason: "TRUNCATE", record_count: "1" });
+    expect((await takeSnapshot("t15.falls")).build).toBe("incremental");
+  });
+
+  it("disabled triggers are noticed; an approval re-arms them", async () => {
+    await q(`create table t15.armed (id int primary key, v text);
+             insert into t15.armed select g, 'v' from generate_series(1, 3000) g;
+             grant select, insert, update, delete on t15.armed to ${db.roles.admin};
+             select snapbase.register_table('t15.armed')`);
+    await takeSnapshot("t15.armed");
+    await q("alter table t15.armed disable trigger _900_snapbase_track_update; update t15.armed set v = 'unseen' where id = 5; alter table t15.armed enable trigger _900_snapbase_track_update");
+    const noticed = await takeSnapshot("t15.armed");
+    expect(noticed.build).toBe("full");
+    expect(noticed.build_reason).toMatch(/tracking triggers are missing, disabled or not ENABLE ALWAYS/);
+    await expectExact("t15.armed", "id", noticed);
+    const rearmed = await approveChange("t15.armed", "update t15.armed set v = 'approved' where id = 6");
+    expect(rearmed).toMatchObject({ build: "full", build_reason: `changes since snapshot ${noticed.id} were not tracked` });
+    expect((await q("select tgenabled from pg_trigger where tgrelid = 't15.armed'::regclass and tgname = '_900_snapbase_track_update'"))[0].tgenabled).toBe("A");
+    const after = await approveChange("t15.armed", "update t15.armed set v = 'again' where id = 7");
+    expect(after).toMatchObject({ build: "incremental", chunks_built: 1 });
+    await expectExact("t15.armed", "id", after);
+
+    // Disabled and enabled again while still ENABLE ALWAYS is noticed too (the trigger's catalog row moved).
+    await q("alter table t15.armed disable trigger all; update t15.armed set v = 'unseen too' where id = 8; alter table t15.armed enable always trigger _900_snapbase_track_update, enable always trigger _900_snapbase_track_insert, enable always trigger _900_snapbase_track_delete, enable always trigger _900_snapbase_track_truncate");
+    const moved = await takeSnapshot("t15.armed");
+    expect(moved.build_reason).toMatch(/^the table was rewritten, or its tracking triggers or column types were altered/);
+    await expectExact("t15.armed", "id", moved);
+  });
+
+  it("a renamed enum label changes unchanged rows' text: text-form snapshots notice it", async () => {
+    await q(`create type t15.colour as enum ('red', 'green');
+             create table t15.paint (id int primary key, c t15.colour);
+             insert into t15.paint select g, case when g % 2 = 0 then 'red' else 'green' end::t15.colour from generate_series(1, 2000) g;
+             select snapbase.register_table('t15.paint')`);
+    const before = await takeSnapshot("t15.paint");
+    await q("update t15.paint set c = 'red' where id = 1");
+    expect((await takeSnapshot("t15.paint")).build).toBe("incremental");
+    await q("alter type t15.colour rename value 'green' to 'verde'");
+    const renamed = await takeSnapshot("t15.paint");
+    expect(renamed.build).toBe("full");
+    await expectExact("t15.paint", "id", renamed);
+    // The older snapshot still says green (as stored text: its layout type now knows only verde).
+    expect((await q(`select (cs.rows)[1:2] as rows from snapbase_private.snapshot_chunks sc join snapbase_private.chunk_store cs on cs.hash = sc.chunk_hash
+                      where sc.snapshot_id = $1 and sc.seq = 0`, [before.id]))[0].rows).toEqual(["(1,green)", "(2,red)"]);
+  });
+
+  it("tables whose rows change without statement triggers are snapshotted in full, and say why", async () => {
+    const root = await rootClient();
+    await root.query(`create table t15.foreign_owned (id int primary key); insert into t15.foreign_owned values (1);
+                      grant select, update on t15.foreign_owned to ${db.roles.owner}`);
+    await q(`create table t15.loose (v int); insert into t15.loose values (1), (1);
+             create table t15.parted (id int primary key, v int) partition by range (id);
+             create table t15.parted_1 partition of t15.parted for values from (0) to (1000);
+             insert into t15.parted values (1, 1);
+             create unlogged table t15.scratch (id int primary key); insert into t15.scratch values (1);
+             create table t15.base (id int primary key); create table t15.derived (extra int) inherits (t15.base);`);
+    const cases: [string, RegExp][] = [
+      ["t15.foreign_owned", /owned by postgres, so its tracking triggers cannot be made ENABLE ALWAYS/],
+      ["t15.loose", /without a primary key/],
+      ["t15.parted", /partitioned table/],
+      ["t15.scratch", /unlogged table/],
+      ["t15.base", /inheritance children/],
+    ];
+    for (const [table, why] of cases) {
+      await q(`select snapbase.register_table('${table}')`);
+      const [audit] = await q("select details ->> 'untracked' as untracked from snapbase.audit_log where action = 'register_table' and table_name = $1 order by id desc limit 1", [table]);
+      expect(audit.untracked, table).toMatch(why);
+      await takeSnapshot(table);
+      const second = await takeSnapshot(table);
+      expect(second.build, table).toBe("full");
+    }
+  });
+});
+
+describe("row history", () => {
+  it("gives one row across the snapshots of a table with a composite key, newest first, reading one chunk of each", async () => {
+    const table = "t15.hist";
+    const small = "set snapbase.chunk_mask = 3";
+    await q(`create table ${table} (region text, num int, v text, primary key (region, num));
+             insert into ${table} select r, n, 'v' || n from unnest(array['eu', 'us', 'apac']) r, generate_series(1, 1500) n;
+             grant select on ${table} to ${db.roles.viewer};
+             select snapbase.register_table('${table}')`);
+    await sql.query(small);
+    try {
+      const s1 = await takeSnapshot(table);
+      const key = { region: "eu", num: 700 };
+      const s2 = await approveChange(table, `update ${table} set v = 'changed' where region = 'eu' and num = 700`);
+      const s3 = await approveChange(table, `update ${table} set v = 'elsewhere' where region = 'us' and num = 700`);
+      const s4 = await approveChange(table, `delete from ${table} where region = 'eu' and num = 700`);
+      const s5 = await approveChange(table, `insert into ${table} values ('eu', 700, 'back')`);
+      await q(`alter table ${table} add column note text default 'n'`);
+      const s6 = await takeSnapshot(table);
+      for (const s of [s2, s3, s4, s5]) expect(s.build).toBe("incremental");
+      const viewer = await createUser("viewer");
+      const reader = await userClient(viewer);
+      const history = (await reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify(key)])).rows;
+      expect(history.map((h) => [h.snapshot_id, h.change_request_id !== null, h.change, h.changed_fields, h.row])).toEqual([
+        [s6.id, false, "changed", ["note"], { region: "eu", num: 700, v: "back", note: "n" }],
+        [s5.id, true, "added", null, { region: "eu", num: 700, v: "back" }],
+        [s4.id, true, "removed", null, null],
+        [s3.id, true, "unchanged", null, { region: "eu", num: 700, v: "changed" }],
+        [s2.id, true, "changed", ["v"], { region: "eu", num: 700, v: "changed" }],
+        [s1.id, false, "initial", null, { region: "eu", num: 700, v: "v700" }],
+      ]);
+      expect(history[1].change_request_id).toBe(s5.change_request_id);
+      // Chunk rows fetched by that call: one per distinct chunk holding the key, of thousands.
+      await reader.query("begin");
+      const chunkReads = async () => Number((await reader.query(`select coalesce(sum(coalesce(idx_tup_fetch, 0) + coalesce(seq_tup_read, 0)), 0) as n
+                                                                   from pg_stat_xact_all_tables where schemaname = 'snapbase_private' and relname like 'chunks\\_%'`)).rows[0].n);
+      const before = await chunkReads();
+      await reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify(key)]);
+      expect(await chunkReads() - before).toBeLessThanOrEqual(6);
+      expect(Number(s1.chunk_count)).toBeGreaterThan(1000);
+      await reader.query("rollback");
+      // Keys are checked, and a key never seen has no history.
+      expect((await reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify({ region: "eu", num: 99999 })])).rows).toEqual([]);
+      const missing = await sqlState(() => reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify({ region: "eu" })]));
+      expect(missing).toEqual({ code: "22023", message: "the key must give every primary key column of t15.hist: num missing" });
+      const extra = await sqlState(() => reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify({ region: "eu", num: 1, v: "x" })]));
+      expect(extra.message).toBe("the key names columns that are not the primary key of t15.hist (region, num): v");
+      // Only readers of the live table.
+      const outsider = await userClient(editor);
+      await q(`revoke select on ${table} from ${db.roles.viewer}`);
+      const denied = await sqlState(() => outsider.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify(key)]));
+      expect(denied).toEqual({ code: "42501", message: `table ${table} is not under change control` });
+    } finally {
+      await sql.query("reset snapbase.chunk_mask");
+    }
+  });
+
+  it("snapshot_as_of answers the snapshot in force at a time, and says when retention removed it", async () => {
+    const table = "t15.asof";
+    await q(`create table ${table} (id int primary key, v int); insert into ${table} values (1, 1);
+             select snapbase.register_table('${table}', keep_last => 2)`);
+    const taken: { id: string; at: string }[] = [];
+    for (let i = 0; i < 3; i++) {
+      await q(`update ${table} set v = v + 1`);
+      const snap = await takeSnapshot(table);
+      taken.push({ id: snap.id, at: (await q("select created_at::text as at from snapbase.snapshots where id = $1", [snap.id]))[0].at });
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const asOf = async (at: string, offset = "0") =>
+      (await q("select id from snapbase.snapshot_as_of($1, $2::timestamptz + $3::interval)", [table, at, offset]))[0].id;
+    expect(await asOf(taken[1]!.at)).toBe(taken[1]!.id);
+    expect(await asOf(taken[1]!.at, "10 ms")).toBe(taken[1]!.id);
+    expect(await asOf(taken[1]!.at, "-1 microsecond")).toBe(taken[0]!.id);
+    expect(await asOf("infinity")).toBe(taken[2]!.id);
+    const early = await sqlState(() => asOf(taken[0]!.at, "-1 second"));
+    expect(early.message).toMatch(/^no snapshot of t15\.asof was taken by /);
+    await q("select snapbase_private.prune_snapshots()");
+    const gone = await sqlState(() => asOf(taken[0]!.at, "10 ms"));
+    expect(gone).toMatchObject({ code: "P0002" });
+    expect(gone.message).toMatch(new RegExp(`\\(snapshot ${taken[0]!.id}\\) was removed by retention$`));
+    expect(await asOf(taken[1]!.at)).toBe(taken[1]!.id);
+  });
+});

@@ -232,42 +232,41 @@ begin
   end if;
   key_row := (select string_agg(format('r.%I', c), ', ') from unnest(key_cols) c);
   if seen <= 10000 then
+    -- Old and new keys of an UPDATE differ only when it moves rows; the snapshot
+    -- removes duplicates, so none are removed here.
     execute format(case tg_op
       when 'INSERT' then 'select array_agg(row(%1$s)::text) from new_rows r'
       when 'DELETE' then 'select array_agg(row(%1$s)::text) from old_rows r'
-      else 'select array_agg(k) from (select row(%1$s)::text as k from new_rows r union select row(%1$s)::text from old_rows r) u'
+      else 'select array_agg(k) from (select row(%1$s)::text as k from new_rows r union all select row(%1$s)::text from old_rows r) u'
     end, key_row) into keys;
     insert into snapbase_private.table_changes (managed_table_id, keys) values (mt_id, keys);
     return null;
   end if;
-  -- A big statement: over a fifth of the table means reading it all anyway.
-  big := greatest(100000, (select c.reltuples from pg_class c where c.oid = tg_relid)::bigint / 5);
-  execute format('select count(*) from (select from %s limit %s) x', case tg_op when 'DELETE' then 'old_rows' else 'new_rows' end, big + 1)
-    into seen;
-  if seen > big then
-    insert into snapbase_private.table_changes (managed_table_id, everything)
-      values (mt_id, format('a statement (%s) changed over %s rows', tg_op, big));
-    return null;
-  end if;
+  -- A bigger statement: the range of its first key column, read in the same pass
+  -- that finds whether it touched over a fifth of the table (then re-read it all).
+  big := greatest(10000, (select c.reltuples from pg_class c where c.oid = tg_relid)::bigint / 5);
   first_col := format('r.%I', key_cols[1]);
   begin
-    if tg_op in ('INSERT', 'UPDATE') then
-      execute format('select min(%1$s)::text, max(%1$s)::text from new_rows r', first_col) into lo, hi;
-    end if;
-    if tg_op in ('DELETE', 'UPDATE') then
+    execute format('select count(*), min(k)::text, max(k)::text from (select %s as k from %s r limit %s) x',
+                   first_col, case tg_op when 'DELETE' then 'old_rows' else 'new_rows' end, big + 1)
+      into seen, lo, hi;
+    if seen <= big and tg_op = 'UPDATE' then
       execute format('select min(%1$s)::text, max(%1$s)::text from old_rows r', first_col) into lo2, hi2;
     end if;
   exception when undefined_function then
     -- No min/max for the key's type (uuid, for one): re-read everything.
     insert into snapbase_private.table_changes (managed_table_id, everything)
-      values (mt_id, format('a statement (%s) changed %s rows and the key type has no min/max', tg_op, seen));
+      values (mt_id, format('a statement (%s) changed over 10000 rows and the key type has no min/max', tg_op));
     return null;
   end;
-  if lo2 is not null then
-    insert into snapbase_private.table_changes (managed_table_id, range_lo, range_hi) values (mt_id, lo2, hi2);
+  if seen > big then
+    insert into snapbase_private.table_changes (managed_table_id, everything)
+      values (mt_id, format('a statement (%s) changed over %s rows', tg_op, big));
+    return null;
   end if;
-  if lo is not null then
-    insert into snapbase_private.table_changes (managed_table_id, range_lo, range_hi) values (mt_id, lo, hi);
+  insert into snapbase_private.table_changes (managed_table_id, range_lo, range_hi) values (mt_id, lo, hi);
+  if lo2 is not null and (lo2, hi2) is distinct from (lo, hi) then
+    insert into snapbase_private.table_changes (managed_table_id, range_lo, range_hi) values (mt_id, lo2, hi2);
   end if;
   return null;
 end;
@@ -380,7 +379,9 @@ begin
                                   ('update', 'update', 'referencing old table as old_rows new table as new_rows'),
                                   ('delete', 'delete', 'referencing old table as old_rows'),
                                   ('truncate', 'truncate', '')) v(name, event, ref) loop
-    execute format('drop trigger if exists %I on %s', '_900_snapbase_track_' || ev.name, target);
+    if exists (select 1 from pg_trigger t where t.tgrelid = target and t.tgname = '_900_snapbase_track_' || ev.name) then
+      execute format('drop trigger %I on %s', '_900_snapbase_track_' || ev.name, target);
+    end if;
     execute format('create trigger %I after %s on %s %s for each statement execute function snapbase_private.tg__track_changes(%L)',
       '_900_snapbase_track_' || ev.name, ev.event, target, ev.ref, mt.id);
     execute format('alter table %s enable always trigger %I', target, '_900_snapbase_track_' || ev.name);
@@ -726,7 +727,8 @@ begin
               from unnest(missing) as m(s)) x;
   end loop;
 
-  if cardinality(dirty) > 16 and cardinality(dirty) * 10 > total_chunks * 9 then
+  -- Past half the chunks, reading the table in one range is cheaper than many ranges.
+  if cardinality(dirty) > 16 and cardinality(dirty) * 2 > total_chunks then
     note := format('%s of %s chunks changed', cardinality(dirty), total_chunks);
     return;
   end if;
@@ -769,7 +771,7 @@ begin
                               as o(seq, page, pos, id, hash, bound, cnt, bytes))
       select runs.run, old.seq as k1, 0 as k2, old.pos = 1 as start, old.id, old.hash, old.bound, old.cnt, old.bytes
         from old join runs on runs.p = old.page
-       where not exists (select 1 from spans where old.seq between spans.s and spans.e)
+       where not exists (select 1 from unnest(dirty) as d(seq) where d.seq = old.seq)
       union all
       select runs.run, spans.s, n.idx::integer, (n.h & page_mask) = 0, n.id, n.hash, n.bound, n.cnt, n.bytes
         from unnest(built.regions, built.ids, built.hashes, built.bounds, built.boundary_hashes, built.row_counts, built.chunk_bytes)
@@ -1320,23 +1322,22 @@ begin
       execute format($q$
         with k as (select jsonb_populate_record(null::%1$s, $2) as k),
              p as (select coalesce(max(u.ord) filter (where u.b::%1$s <= k.k), 1) as ord
-                     from k, unnest($1::text[]) with ordinality as u(b, ord))
-        select c.chunk_id, c.chunk_hash, (select every(x is not null) from unnest(pg.bounds) x) as bounded
-          from k, p
-          join snapbase_private.snapshot_pages pg on pg.id = ($3::bigint[])[p.ord]
-          cross join lateral (
-            select v.chunk_id, v.chunk_hash
-              from unnest(pg.chunk_ids, pg.chunk_hashes, pg.bounds) with ordinality as v(chunk_id, chunk_hash, b, ord)
-             where v.ord = coalesce((select max(w.ord) from unnest(pg.bounds) with ordinality as w(b, ord) where w.b::%1$s <= k.k), 1)
-          ) c
+                     from k, unnest($1::text[]) with ordinality as u(b, ord)),
+             pg as (select pg.* from p join snapbase_private.snapshot_pages pg on pg.id = ($3::bigint[])[p.ord]),
+             c as (select coalesce(max(w.ord) filter (where w.b::%1$s <= k.k), 1) as ord
+                     from k, pg, unnest(pg.bounds) with ordinality as w(b, ord))
+        select pg.chunk_ids[c.ord] as chunk_id, pg.chunk_hashes[c.ord] as chunk_hash,
+               (select every(x is not null) from unnest(pg.bounds) x) as bounded
+          from pg, c
       $q$, kt) into found using tree.page_bounds, key, tree.page_ids;
-      if found is not null and coalesce(found.bounded, false) then
+      -- (A record IS NOT NULL only when every field is: test a field.)
+      if found.bounded then
         chunk_identity := coalesce(found.chunk_id::text, encode(found.chunk_hash, 'hex'));
         if chunk_identity is not distinct from last_identity then
           raw := previous;  -- the same chunk: the same row
         else
           execute format($q$
-            select to_jsonb(r.rec) from %1$s c cross join lateral unnest(c.rows) as r(rec)
+            select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
              where %2$s and (%3$s) = (%4$s)
           $q$,
             case when chunk_table is not null and found.chunk_id is not null
@@ -1347,7 +1348,7 @@ begin
             into raw using found.chunk_id, found.chunk_hash, key;
         end if;
         last_identity := chunk_identity;
-      elsif found is not null then
+      elsif found.bounded is not null then
         -- A snapshot from before trees kept no text-chunk boundaries: read it all.
         execute format($q$
           select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
