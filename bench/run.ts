@@ -21,7 +21,8 @@ import { setLogLevel } from "../src/log.ts";
 import { startServer, type RunningServer } from "../src/server/app.ts";
 import { startWorker } from "../src/worker.ts";
 
-const sizes = (process.env.BENCH_SIZES ?? "100000,1000000").split(",").map(Number);
+// 0 skips the snapshot section.
+const sizes = (process.env.BENCH_SIZES ?? "100000,1000000").split(",").map(Number).filter((n) => n > 0);
 // Approval lock time per table size (0 skips; add 10000000 for the 10M row: about 10 minutes here).
 const lockSizes = (process.env.BENCH_LOCK_SIZES ?? "1000000").split(",").map(Number).filter((n) => n > 0);
 // A bulk UPDATE on a managed table beside the same statement on an untracked copy (0 skips).
@@ -801,7 +802,7 @@ async function main(): Promise<void> {
     const header = ["size", "CREATE TABLE AS (floor)", "seed: one jsonb_agg value", "first snapshot", "next snapshot, one row changed", "plain copy / snapshot size", "added by a snapshot after a one-row change"];
     const rows: string[][] = [];
     for (const n of sizes) rows.push(await benchSize(c, n));
-    printTable("Snapshots (targets: snapshot within 2x of the floor; one-row change adds < 5% of a full copy)", header, rows);
+    if (rows.length > 0) printTable("Snapshots (targets: snapshot within 2x of the floor; one-row change adds < 5% of a full copy)", header, rows);
     if (lockSizes.length > 0) {
       const lockRows: string[][] = [];
       const oneRow: number[] = [];

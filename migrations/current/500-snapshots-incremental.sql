@@ -294,6 +294,8 @@ begin
     return 'an unlogged table is not tracked (crash recovery empties it without triggers)';
   elsif exists (select 1 from pg_inherits i where i.inhparent = target) then
     return 'the table has inheritance children, whose rows it shows and whose writes it does not see';
+  elsif exists (select 1 from pg_inherits i where i.inhrelid = target) then
+    return 'the table inherits from another, and statements on the parent write it without firing its triggers';
   elsif rel.relrowsecurity and (rel.relforcerowsecurity or not pg_has_role(current_user, rel.relowner, 'USAGE'))
         and not (select r.rolsuper or r.rolbypassrls from pg_roles r where r.rolname = current_user) then
     return 'row-level security applies to the snapshot reader, so policies could change what it sees';
@@ -315,13 +317,13 @@ begin
 end;
 $$;
 comment on function snapbase_private.tracking_problem(regclass, bigint) is
-  'Null when the managed table''s changes are tracked, else why not. Tables whose rows can change without a statement trigger firing on them (partitions, inheritance parents, unlogged tables, subscribers) or whose visible rows depend on policies are never tracked.';
+  'Null when the managed table''s changes are tracked, else why not. Tables whose rows can change without a statement trigger firing on them (partitions, inheritance parents and children, unlogged tables, subscribers) or whose visible rows depend on policies are never tracked.';
 
 -- What must stay the same between two snapshots for the changes recorded in
 -- between to be the whole story: the table's storage (relfilenode: a rewrite such
 -- as ALTER COLUMN ... TYPE ... USING changes values without DML), the tracking
 -- triggers' catalog rows (xmin moves when they are disabled and enabled again, or
--- re-created), and for text-form layouts the user-defined types the rows are
+-- re-created), the columns' collations (the key order), and for text-form layouts the user-defined types the rows are
 -- rendered with (a renamed enum label changes the text of unchanged rows).
 create or replace function snapbase_private.tracking_fingerprint(target regclass, text_form boolean) returns text
 language sql stable
@@ -329,6 +331,9 @@ set search_path = pg_catalog
 as $$
   select concat_ws('|',
     (select c.relfilenode::text from pg_class c where c.oid = target),
+    -- A column's collation can change without a rewrite, and with it the key order.
+    (select string_agg(a.attcollation::text, ',' order by a.attnum) from pg_attribute a
+      where a.attrelid = target and a.attnum > 0 and not a.attisdropped),
     (select string_agg(format('%s:%s:%s:%s', t.oid, t.xmin, t.tgenabled, t.tgname), ',' order by t.tgname)
        from pg_trigger t where t.tgrelid = target and t.tgfoid = 'snapbase_private.tg__track_changes()'::regprocedure),
     case when text_form then (
