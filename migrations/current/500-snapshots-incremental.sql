@@ -187,8 +187,8 @@ comment on table snapbase_private.pruned_snapshots is
   'Snapshots removed by retention, so that snapshot_as_of can say that the snapshot in force at a time is gone rather than answer an older one.';
 
 -- Appends what a statement changed (see table_changes). Statement-level, so a bulk
--- statement costs one call; the transition tables are read at most twice, and only
--- up to 10,001 rows unless the statement is big. SECURITY DEFINER: whoever writes
+-- statement costs one call; a transition table is read once up to 10,001 rows, and
+-- once more only when the statement is bigger. SECURITY DEFINER: whoever writes
 -- the table (a restricted approval role, a DBA), only the owner writes
 -- snapbase_private. Key texts use capture's fixed output settings, so they are
 -- byte-identical to chunk boundaries and parse back to the same values. The
@@ -220,25 +220,24 @@ begin
     insert into snapbase_private.table_changes (managed_table_id, everything) values (mt_id, 'TRUNCATE');
     return null;
   end if;
-  execute format('select count(*) from (select from %s limit 10001) x', case tg_op when 'DELETE' then 'old_rows' else 'new_rows' end)
-    into seen;
-  if seen = 0 then
-    return null;
-  end if;
   key_cols := snapbase_private.primary_key(tg_relid);
   if key_cols is null then
     insert into snapbase_private.table_changes (managed_table_id, everything) values (mt_id, 'no primary key');
     return null;
   end if;
   key_row := (select string_agg(format('r.%I', c), ', ') from unnest(key_cols) c);
-  if seen <= 10000 then
-    -- Old and new keys of an UPDATE differ only when it moves rows; the snapshot
-    -- removes duplicates, so none are removed here.
-    execute format(case tg_op
-      when 'INSERT' then 'select array_agg(row(%1$s)::text) from new_rows r'
-      when 'DELETE' then 'select array_agg(row(%1$s)::text) from old_rows r'
-      else 'select array_agg(k) from (select row(%1$s)::text as k from new_rows r union all select row(%1$s)::text from old_rows r) u'
-    end, key_row) into keys;
+  -- The keys of up to 10,000 rows (of each transition table), in one pass that stops
+  -- there. Old and new keys of an UPDATE differ only when it moves rows; the
+  -- snapshot removes duplicates, so none are removed here.
+  execute format(case tg_op
+    when 'INSERT' then 'select array_agg(k), count(*) from (select row(%1$s)::text as k from new_rows r limit 10001) x'
+    when 'DELETE' then 'select array_agg(k), count(*) from (select row(%1$s)::text as k from old_rows r limit 10001) x'
+    else 'select array_agg(k), count(*) filter (where x.new) from ((select row(%1$s)::text as k, true as new from new_rows r limit 10001)
+                                                                   union all (select row(%1$s)::text, false from old_rows r limit 10001)) x'
+  end, key_row) into keys, seen;
+  if seen = 0 then
+    return null;
+  elsif seen <= 10000 then
     insert into snapbase_private.table_changes (managed_table_id, keys) values (mt_id, keys);
     return null;
   end if;
