@@ -485,7 +485,20 @@ describe("what tracking covers, and the fallbacks", () => {
     expect(copied).toMatchObject({ build: "incremental", record_count: "4902" });
     await expectExact("t15.child", "id", copied);
 
+    // A role that may write this one table and nothing else (not even see snapbase_private),
+    // as approval's restricted role will be.
     const root = await rootClient();
+    const restricted = `t15_writer_${Math.random().toString(36).slice(2, 10)}`;
+    await root.query(`create role ${restricted}; grant usage on schema t15 to ${restricted}; grant select, update on t15.child to ${restricted}`);
+    try {
+      await root.query(`begin; set local role ${restricted}; update t15.child set v = 'restricted' where id = 77; commit`);
+    } finally {
+      await root.query(`revoke all on t15.child from ${restricted}; revoke usage on schema t15 from ${restricted}; drop role ${restricted}`);
+    }
+    const byRestricted = await takeSnapshot("t15.child");
+    expect(byRestricted).toMatchObject({ build: "incremental", chunks_built: 1 });
+    await expectExact("t15.child", "id", byRestricted);
+
     await root.query("set session_replication_role = replica; update t15.child set v = 'replica' where id = 99; set session_replication_role = origin");
     const replica = await takeSnapshot("t15.child");
     expect(replica).toMatchObject({ build: "incremental", chunks_built: 1 });
@@ -633,6 +646,16 @@ describe("row history", () => {
       expect(missing).toEqual({ code: "22023", message: "the key must give every primary key column of t15.hist: num missing" });
       const extra = await sqlState(() => reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify({ region: "eu", num: 1, v: "x" })]));
       expect(extra.message).toBe("the key names columns that are not the primary key of t15.hist (region, num): v");
+      // Key values and names are data: never SQL.
+      for (const hostile of [{ region: "eu'); delete from t15.hist; --", num: 700 }, { region: "eu", num: 700, 'num") = 1 or (true': 1 }]) {
+        const result = await reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify(hostile)]).then((r) => r.rows, (e: Error) => e.message);
+        expect(result).toEqual(Object.keys(hostile).length === 2 ? [] : `the key names columns that are not the primary key of t15.hist (region, num): num") = 1 or (true`);
+      }
+      const notJson = await sqlState(() => reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify(["eu", 700])]));
+      expect(notJson).toEqual({ code: "22023", message: "the key must be a JSON object of the primary key columns (region, num)" });
+      const badValue = await sqlState(() => reader.query("select * from snapbase.row_history($1, $2)", [table, JSON.stringify({ region: "eu", num: "seven" })]));
+      expect(badValue.code).toBe("22P02");
+      expect((await q(`select count(*)::int as n from ${table}`))[0].n).toBe(4500);
       // Only readers of the live table.
       const outsider = await userClient(editor);
       await q(`revoke select on ${table} from ${db.roles.viewer}`);

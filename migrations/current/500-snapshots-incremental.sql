@@ -73,6 +73,9 @@ create table if not exists snapbase_private.snapshot_trees (
   page_bounds text[] not null,
   chunk_mask integer
 );
+alter table snapbase_private.snapshot_trees add column if not exists key_type text;
+comment on column snapbase_private.snapshot_trees.key_type is
+  'The composite type of the primary key the chunk boundaries (bounds) parse into, with its collations; null without a primary key or before trees.';
 comment on table snapbase_private.snapshot_trees is
   'One row per snapshot: its pages in key order, with each page''s chunk count, row count, stored bytes and first key. chunk_mask: the boundary mask the chunks were cut with; null when the tree cannot be a base for an incremental snapshot (converted from before trees, or no primary key).';
 
@@ -899,7 +902,7 @@ begin
             from unnest(pages.page_runs, pages.page_ids, pages.page_chunks, pages.page_rows, pages.page_bytes, pages.page_bounds)
                  with ordinality as n(run, id, chunks, rows, bytes, bound, i)) m;
 
-  tree := row(null, root.ids, root.chunks, root.rows, root.bytes, root.bounds, prev.chunk_mask)::snapbase_private.snapshot_trees;
+  tree := row(null, root.ids, root.chunks, root.rows, root.bytes, root.bounds, prev.chunk_mask, key_type)::snapbase_private.snapshot_trees;
   chunks_built := cardinality(built.row_counts);
   new_bytes := coalesce((select sum(b) from unnest(built.chunk_bytes, built.is_new) as u(b, n) where u.n), 0);
 end;
@@ -963,7 +966,8 @@ begin
     new_bytes := coalesce((select sum(b) from unnest(bytes, is_new) as u(b, x) where u.x), 0);
     mask := null;
   end if;
-  tree := row(null, pages.page_ids, pages.page_chunks, pages.page_rows, pages.page_bytes, pages.page_bounds, mask)::snapbase_private.snapshot_trees;
+  tree := row(null, pages.page_ids, pages.page_chunks, pages.page_rows, pages.page_bytes, pages.page_bounds, mask,
+              case when pk is not null then key_type end)::snapbase_private.snapshot_trees;
 end;
 $$;
 comment on function snapbase_private.build_full(regclass, text[], text, snapbase_private.row_layouts, text) is
@@ -1057,6 +1061,7 @@ begin
     when tracking.fingerprint is distinct from fingerprint then
       format('the table was rewritten, or its tracking triggers or column types were altered, since snapshot %s', prev.id)
     when prev_tree.chunk_mask is null then format('snapshot %s predates incremental snapshots', prev.id)
+    when prev_tree.key_type is distinct from key_type then format('the primary key''s types or collations changed since snapshot %s', prev.id)
     -- Never-analyzed tables keep the previous mask (chunk_mask would count every row).
     when (select c.reltuples from pg_class c where c.oid = target) >= 0
          and snapbase_private.chunk_mask(target) <> prev_tree.chunk_mask then 'the average row size changed the chunk size'
@@ -1410,14 +1415,15 @@ begin
   for s in select * from snapbase.snapshots x where x.managed_table_id = mt.id order by x.id loop
     raw := null;
     if s.primary_key is not distinct from newest.primary_key then
-      -- The key's composite type for this snapshot's column types.
-      kt := key_types ->> s.layout_id::text;
+      select * into tree from snapbase_private.snapshot_trees t where t.snapshot_id = s.id;
+      -- The key's composite type the snapshot's boundaries parse into (made by
+      -- capture; only snapshots from before trees need one made here).
+      kt := coalesce(tree.key_type, key_types ->> s.layout_id::text);
       if kt is null then
         kt := (snapbase_private.ensure_layout((select jsonb_agg(c order by array_position(s.primary_key, c ->> 'name'))
                                                   from jsonb_array_elements(s.columns) c where (c ->> 'name') = any (s.primary_key)))).type_name;
         key_types := key_types || jsonb_build_object(s.layout_id::text, kt);
       end if;
-      select * into tree from snapbase_private.snapshot_trees t where t.snapshot_id = s.id;
       select l.type_name, l.chunk_table into layout_type, chunk_table from snapbase_private.row_layouts l where l.id = s.layout_id;
       -- The one chunk whose key range holds the key: its page by the pages' first
       -- keys, then the chunk by the page's chunk boundaries.
