@@ -25,11 +25,13 @@
 --   snapshot says why (build, build_reason): the first snapshot, changed columns,
 --   primary key or chunk size, a table rewrite (relfilenode), tracking triggers
 --   disabled, dropped or re-created since the last snapshot (pg_trigger xmin),
---   changed user-defined types (text-form layouts), tables without a primary key,
---   partitioned tables, partitions, tables with inheritance children, unlogged
---   tables, tables with row-level security the owner does not bypass, logical
---   replication subscribers, and tables whose owner is not the Snapbase owner
---   (their triggers could not be made ENABLE ALWAYS).
+--   changed user-defined types (text-form layouts) or column collations, tables
+--   without a primary key, partitioned tables, partitions, inheritance parents and
+--   children, unlogged tables, tables with row-level security the owner does not
+--   bypass, logical replication subscribers, and tables whose owner is not the
+--   Snapbase owner (their triggers could not be made ENABLE ALWAYS).
+-- * Text-form layouts (enums, domains) with a primary key are incremental too;
+--   tables without a primary key are always captured in full.
 --
 -- snapbase_private.snapshot_chunks is now a view over the trees (same columns,
 -- plus row_count, chunk_bytes and boundary); existing snapshots are converted.
