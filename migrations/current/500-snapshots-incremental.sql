@@ -1031,6 +1031,10 @@ begin
     key_type := snapbase_private.key_type(target, pk);
   end if;
 
+  -- Retention deletes chunks no snapshot references; a capture may have just found
+  -- such a chunk identical to one it builds. Captures share this lock, retention
+  -- takes it alone (remove_unused_chunks), so neither sees the other half done.
+  perform pg_advisory_xact_lock_shared(hashtext('snapbase chunk retention'));
   problem := snapbase_private.tracking_problem(target, mt.id);
   -- Triggers someone disabled or dropped are put back when this transaction already
   -- holds a lock at least as strong as the one that takes (approval holds EXCLUSIVE);
@@ -1225,6 +1229,7 @@ $$;
 --------------------------------------------------------------------------------
 
 -- Deletes stored pages and chunks no snapshot uses any more; returns how many chunks.
+-- Waits for captures in progress, and they for it.
 create or replace function snapbase_private.remove_unused_chunks() returns bigint
 language plpgsql
 set search_path = pg_catalog
@@ -1235,6 +1240,8 @@ declare
   chunk_table text;
   pruning text := current_setting('snapbase.pruning', true);
 begin
+  -- No capture is between finding a stored chunk and referencing it (see capture_snapshot).
+  perform pg_advisory_xact_lock(hashtext('snapbase chunk retention'));
   perform set_config('snapbase.pruning', 'on', true);
   delete from snapbase_private.snapshot_pages p
    where not exists (select 1 from (select unnest(t.page_ids) as id from snapbase_private.snapshot_trees t) r where r.id = p.id);
