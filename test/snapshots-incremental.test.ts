@@ -600,6 +600,22 @@ describe("what tracking covers, and the fallbacks", () => {
   });
 });
 
+describe("retention beside captures", () => {
+  it("does not delete chunks while a capture that may reference them is in progress", async () => {
+    await q("create table t15.kept (id int primary key, v int); insert into t15.kept select g, g from generate_series(1, 1000) g; select snapbase.register_table('t15.kept')");
+    const capturing = await ownerClient();
+    const retention = await ownerClient();
+    await capturing.query("begin");
+    await capturing.query("select snapbase.take_snapshot('t15.kept', 'in progress')");
+    await retention.query("begin; set local lock_timeout = '200ms'");
+    const waited = await sqlState(() => retention.query("select snapbase_private.remove_unused_chunks()"));
+    expect(waited.code).toBe("55P03");
+    await retention.query("rollback");
+    await capturing.query("commit");
+    expect((await retention.query("select snapbase_private.remove_unused_chunks() >= 0 as ran")).rows[0].ran).toBe(true);
+  });
+});
+
 describe("row history", () => {
   it("gives one row across the snapshots of a table with a composite key, newest first, reading one chunk of each", async () => {
     const table = "t15.hist";
