@@ -8,7 +8,7 @@
 --   ENABLE ALWAYS so that they also fire under session_replication_role =
 --   replica. They append the primary keys a statement touched (up to 10,000), or
 --   the range of its first key column (bigger statements), or "everything"
---   (statements touching over a fifth of the table, TRUNCATE) to
+--   (statements touching over a twentieth of the table, TRUNCATE) to
 --   snapbase_private.table_changes. Whoever writes (approval's role, an admin,
 --   the owner, a superuser, COPY, a foreign-key cascade), the keys are recorded.
 -- * A snapshot is a two-level tree: snapbase_private.snapshot_trees holds, per
@@ -192,8 +192,8 @@ comment on table snapbase_private.pruned_snapshots is
   'Snapshots removed by retention, so that snapshot_as_of can say that the snapshot in force at a time is gone rather than answer an older one.';
 
 -- Appends what a statement changed (see table_changes). Statement-level, so a bulk
--- statement costs one call; a transition table is read once up to 10,001 rows, and
--- once more only when the statement is bigger. SECURITY DEFINER: whoever writes
+-- statement costs one call; its transition tables are read up to 10,001 rows, and
+-- up to a twentieth of the table when the statement is bigger. SECURITY DEFINER: whoever writes
 -- the table (a restricted approval role, a DBA), only the owner writes
 -- snapbase_private. Key texts use capture's fixed output settings, so they are
 -- byte-identical to chunk boundaries and parse back to the same values. The
@@ -231,24 +231,25 @@ begin
     return null;
   end if;
   key_row := (select string_agg(format('r.%I', c), ', ') from unnest(key_cols) c);
-  -- The keys of up to 10,000 rows (of each transition table), in one pass that stops
-  -- there. Old and new keys of an UPDATE differ only when it moves rows; the
-  -- snapshot removes duplicates, so none are removed here.
-  execute format(case tg_op
-    when 'INSERT' then 'select array_agg(k), count(*) from (select row(%1$s)::text as k from new_rows r limit 10001) x'
-    when 'DELETE' then 'select array_agg(k), count(*) from (select row(%1$s)::text as k from old_rows r limit 10001) x'
-    else 'select array_agg(k), count(*) filter (where x.new) from ((select row(%1$s)::text as k, true as new from new_rows r limit 10001)
-                                                                   union all (select row(%1$s)::text, false from old_rows r limit 10001)) x'
-  end, key_row) into keys, seen;
+  -- Up to 10,000 rows: their keys. Old and new keys of an UPDATE differ only when it
+  -- moves rows; the snapshot removes duplicates, so none are removed here.
+  execute format('select count(*) from (select from %s limit 10001) x', case tg_op when 'DELETE' then 'old_rows' else 'new_rows' end)
+    into seen;
   if seen = 0 then
     return null;
   elsif seen <= 10000 then
+    execute format(case tg_op
+      when 'INSERT' then 'select array_agg(row(%1$s)::text) from new_rows r'
+      when 'DELETE' then 'select array_agg(row(%1$s)::text) from old_rows r'
+      else 'select array_agg(k) from (select row(%1$s)::text as k from new_rows r union all select row(%1$s)::text from old_rows r) u'
+    end, key_row) into keys;
     insert into snapbase_private.table_changes (managed_table_id, keys) values (mt_id, keys);
     return null;
   end if;
   -- A bigger statement: the range of its first key column, read in the same pass
-  -- that finds whether it touched over a fifth of the table (then re-read it all).
-  big := greatest(10000, (select c.reltuples from pg_class c where c.oid = tg_relid)::bigint / 5);
+  -- that finds whether it touched over a twentieth of the table (then re-read it
+  -- all: the pass stops there, so a bulk statement reads little of its rows again).
+  big := greatest(10000, (select c.reltuples from pg_class c where c.oid = tg_relid)::bigint / 20);
   first_col := format('r.%I', key_cols[1]);
   begin
     execute format('select count(*), min(k)::text, max(k)::text from (select %s as k from %s r limit %s) x',
@@ -1053,7 +1054,7 @@ begin
     select * into prev_tree from snapbase_private.snapshot_trees t where t.snapshot_id = prev.id;
   end if;
 
-  -- A TRUNCATE or a statement over a fifth of the table: re-read it all.
+  -- A TRUNCATE or a statement over a twentieth of the table: re-read it all.
   select min(c.everything) into everything from snapbase_private.table_changes c where c.managed_table_id = mt.id;
   why := case
     when full_capture or current_setting('snapbase.capture', true) = 'full' then 'a full capture was asked for'
