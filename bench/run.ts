@@ -22,7 +22,12 @@ import { setLogLevel } from "../src/log.ts";
 import { startServer, type RunningServer } from "../src/server/app.ts";
 import { startWorker } from "../src/worker.ts";
 
-const sizes = (process.env.BENCH_SIZES ?? "100000,1000000").split(",").map(Number);
+// 0 skips the snapshot section.
+const sizes = (process.env.BENCH_SIZES ?? "100000,1000000").split(",").map(Number).filter((n) => n > 0);
+// Approval lock time per table size (0 skips; add 10000000 for the 10M row: about 10 minutes here).
+const lockSizes = (process.env.BENCH_LOCK_SIZES ?? "1000000").split(",").map(Number).filter((n) => n > 0);
+// A bulk UPDATE on a managed table beside the same statement on an untracked copy (0 skips).
+const bulkRows = Number(process.env.BENCH_BULK_ROWS ?? 1_000_000);
 // 0 skips the workbook section.
 const workbookRows = Number(process.env.BENCH_WORKBOOK_ROWS ?? 1_000_000);
 // 0 skips the download section.
@@ -91,11 +96,117 @@ async function benchSize(c: pg.Client, n: number): Promise<string[]> {
   ];
 }
 
+// The same rows as the snapshot section's table, and its vacuum and analyze.
+async function benchTable(c: pg.Client, table: string, n: number): Promise<void> {
+  await c.query(`drop table if exists ${table} cascade`);
+  await c.query(`create table ${table} (id int primary key, email text not null, full_name text, amount numeric(12,2), created_at timestamptz, tags text[])`);
+  await c.query(`insert into ${table} select g, 'user' || g || '@example.com', 'Name ' || md5(g::text), (g % 100000) / 100.0,
+                   timestamptz '2024-01-01' + g * interval '1 minute', array['t' || (g % 7), 't' || (g % 11)] from generate_series(1, $1) g`, [n]);
+  await c.query(`vacuum analyze ${table}`);
+}
+
+async function createTableAsFloor(c: pg.Client, table: string): Promise<number> {
+  const runs: number[] = [];
+  for (let i = 0; i < 3; i++) {
+    runs.push((await timed(() => c.query(`create table bench.floor as select * from ${table}`)))[0]);
+    await c.query("drop table bench.floor");
+  }
+  return median(runs);
+}
+
+// How long approval keeps writers out, per kind of change, on a managed table of n rows:
+// the approve_change call and its commit, measured by the client (an upper bound: the
+// lock is taken a few statements into the call and held to the commit). The snapshot's
+// share is its build_ms over that time. Median of 3 approvals of each kind (different
+// rows each time), submitted and approved as the owner (a DBA counts as an admin).
+async function benchLock(c: pg.Client, n: number): Promise<{ rows: string[][]; oneRowMs: number }> {
+  const table = `bench.lock_${n}`;
+  await benchTable(c, table, n);
+  await c.query(`select snapbase.register_table('${table}', keep_last => 1000)`);
+  const floorMs = await createTableAsFloor(c, table);
+  const [firstMs, first] = await timed(async () => (await c.query(`select * from snapbase.take_snapshot('${table}', 'bench')`)).rows[0]);
+  let next = n + 1;
+  const approve = async (sql: string) => {
+    const cr = (await c.query("select id from snapbase.submit_change($1, $2, 'bench')", [table, sql])).rows[0].id;
+    const [ms, done] = await timed(async () => (await c.query("select * from snapbase.approve_change($1)", [cr])).rows[0]);
+    if (done.status !== "approved") throw new Error(`approval failed: ${done.error_message}`);
+    const snap = (await c.query("select build, build_reason, build_ms, chunks_built, chunk_count from snapbase.snapshots where id = $1", [done.snapshot_id])).rows[0];
+    return { ms, snap };
+  };
+  const kinds: [string, (i: number) => string, boolean?][] = [
+    ["one-row UPDATE", (i) => `update ${table} set full_name = 'changed ${Date.now()}-${i}' where id = ${Math.floor(n / 3) + i * 7919}`],
+    ["one-row UPDATE, full capture (every approval before this change)", (i) => `update ${table} set full_name = 'full ${Date.now()}-${i}' where id = ${Math.floor(n / 5) + i * 7919}`, true],
+    ["1,000-row INSERT (new keys after the last)", () => { const from = next; next += 1000; return `insert into ${table} select g, 'user' || g || '@example.com', 'Name ' || md5(g::text), 1, now(), '{}' from generate_series(${from}, ${from + 999}) g`; }],
+    ["1% UPDATE, contiguous keys", (i) => `update ${table} set amount = amount + 1 where id between ${1 + i * (n / 10)} and ${i * (n / 10) + n / 100}`],
+    ["1% UPDATE, scattered keys (every 100th row)", (i) => `update ${table} set amount = amount + 1 where id % 100 = ${i + 1}`],
+  ];
+  const rows: string[][] = [[`${n.toLocaleString("en")} rows`, "first snapshot (take_snapshot, full)", fmtMs(firstMs), `${(firstMs / floorMs).toFixed(2)}x`, "", `${first.chunks_built} of ${first.chunk_count}`]];
+  let oneRowMs = NaN;
+  for (const [label, sqlFor, full] of kinds) {
+    const runs: { ms: number; snap: { build: string; build_reason: string | null; build_ms: number; chunks_built: number; chunk_count: number } }[] = [];
+    if (full) await c.query("set snapbase.capture = 'full'");
+    try {
+      for (let i = 0; i < 3; i++) runs.push(await approve(sqlFor(i)));
+    } finally {
+      if (full) await c.query("reset snapbase.capture");
+    }
+    runs.sort((a, b) => a.ms - b.ms);
+    const mid = runs[1]!;
+    if (label === "one-row UPDATE") oneRowMs = mid.ms;
+    rows.push(["", label, fmtMs(mid.ms), `${(mid.ms / floorMs).toFixed(mid.ms / floorMs < 0.1 ? 3 : 2)}x`,
+      `${Math.round((100 * mid.snap.build_ms) / mid.ms)}% (${fmtMs(mid.snap.build_ms)})`,
+      `${mid.snap.chunks_built} of ${mid.snap.chunk_count} (${mid.snap.build}${mid.snap.build_reason ? `: ${mid.snap.build_reason}` : ""})`]);
+  }
+  rows.push(["", "CREATE TABLE AS of the table (the floor, median of 3)", fmtMs(floorMs), "1.00x", "", ""]);
+  await forgetTable(c, table);
+  await c.query(`drop table ${table}`);
+  return { rows, oneRowMs };
+}
+
+// A bulk UPDATE of every row of a managed table (its tracking triggers fire) beside
+// the same statement on an identical untracked table: median of 5, in turns, each
+// table vacuumed (and, with a superuser, a checkpoint taken) before each run, so that
+// neither pays for the other's dirty pages.
+async function benchBulk(c: pg.Client, db: Database, n: number): Promise<string[][]> {
+  const tracked = "bench.bulk_tracked";
+  const plain = "bench.bulk_plain";
+  await benchTable(c, tracked, n);
+  await benchTable(c, plain, n);
+  await c.query(`select snapbase.register_table('${tracked}', keep_last => 1000)`);
+  await c.query(`select snapbase.take_snapshot('${tracked}', 'bench')`);
+  const runs: Record<string, number[]> = { [tracked]: [], [plain]: [] };
+  for (let i = 0; i < 5; i++) {
+    for (const t of i % 2 === 0 ? [plain, tracked] : [tracked, plain]) {
+      await c.query(`vacuum ${t}`);
+      if (db.rootUrl) await superuserQuery(db, "checkpoint");
+      runs[t]!.push((await timed(() => c.query(`update ${t} set amount = amount + 1`)))[0]);
+    }
+  }
+  const [trackedMs, plainMs] = [median(runs[tracked]!), median(runs[plain]!)];
+  // Each round runs both back to back: the median of the rounds' ratios cancels the
+  // load of a shared machine better than the ratio of the medians.
+  const pairedRatio = median(runs[tracked]!.map((ms, i) => ms / runs[plain]![i]!));
+  const list = (xs: number[]) => xs.map((x) => Math.round(x)).join(", ");
+  // What the triggers recorded for the last statement: its keys, their range, or "everything".
+  const marker = (await c.query(`select coalesce(c.everything, case when c.range_lo is not null then 'the range ' || c.range_lo || ' to ' || c.range_hi end,
+                                                 cardinality(c.keys) || ' keys') as what
+                                   from snapbase_private.table_changes c join snapbase.managed_tables m on m.id = c.managed_table_id
+                                  where m.qualified_name = $1 limit 1`, [tracked])).rows[0];
+  await forgetTable(c, tracked);
+  await c.query(`drop table ${tracked}, ${plain}`);
+  return [
+    [`UPDATE of all ${n.toLocaleString("en")} rows, untracked table (the baseline)`, fmtMs(plainMs), `runs: ${list(runs[plain]!)} ms`, "1.00x"],
+    [`the same on a managed table (tracking recorded: ${marker?.what ?? "nothing"})`, fmtMs(trackedMs), `runs: ${list(runs[tracked]!)} ms`,
+      `${(trackedMs / plainMs).toFixed(2)}x (median of the rounds' ratios: ${pairedRatio.toFixed(2)}x)`],
+  ];
+}
+
 // Leaves no bench snapshots or chunks behind (only the owner may prune).
 async function forgetTable(c: pg.Client, table: string): Promise<void> {
   await c.query("begin");
   await c.query("set local snapbase.pruning = on");
   await c.query("delete from snapbase.snapshots where table_name = $1", [table]);
+  await c.query("delete from snapbase.change_requests where table_name = $1", [table]);
   await c.query("delete from snapbase.managed_tables where qualified_name = $1", [table]);
   await c.query("select snapbase_private.remove_unused_chunks()");
   await c.query("commit");
@@ -702,7 +813,26 @@ async function main(): Promise<void> {
     const header = ["size", "CREATE TABLE AS (floor)", "seed: one jsonb_agg value", "first snapshot", "next snapshot, one row changed", "plain copy / snapshot size", "added by a snapshot after a one-row change"];
     const rows: string[][] = [];
     for (const n of sizes) rows.push(await benchSize(c, n));
-    printTable("Snapshots (targets: snapshot within 2x of the floor; one-row change adds < 5% of a full copy)", header, rows);
+    if (rows.length > 0) printTable("Snapshots (targets: snapshot within 2x of the floor; one-row change adds < 5% of a full copy)", header, rows);
+    if (lockSizes.length > 0) {
+      const lockRows: string[][] = [];
+      const oneRow: number[] = [];
+      for (const n of lockSizes) {
+        const result = await benchLock(c, n);
+        lockRows.push(...result.rows);
+        oneRow.push(result.oneRowMs);
+      }
+      printTable("Approval lock time (the approve_change call and its commit, median of 3; targets: a one-row change holds the lock <= 50 ms, " +
+        "and the largest table within 2x of the smallest)", ["size", "change", "lock held", "vs CREATE TABLE AS", "snapshot's share", "chunks built"], lockRows);
+      if (oneRow.length > 1) {
+        console.log(`\nOne-row UPDATE: ${lockSizes.map((n, i) => `${fmtMs(oneRow[i]!)} at ${n.toLocaleString("en")} rows`).join(", ")} ` +
+          `(largest / smallest: ${(oneRow[oneRow.length - 1]! / oneRow[0]!).toFixed(2)}x)`);
+      }
+    }
+    if (bulkRows > 0) {
+      printTable(`Change tracking on a bulk UPDATE (${bulkRows.toLocaleString("en")} rows; target: at most 1.2x the untracked table; median of 5, in turns)`,
+        ["statement", "median", "each run", "ratio"], await benchBulk(c, db, bulkRows));
+    }
     await c.query("drop schema bench cascade");
     if (workbookRows > 0) {
       // Its own session, so the bench user's claims (session settings) reach nothing else.
