@@ -316,12 +316,16 @@ describe("conflicts can be worked through", () => {
     expect((await record(tableId, ids[3]!)).state.publish.state).toBe("conflict");
   });
 
-  it("resolutions are announced as records events with their own action", async () => {
+  it("events say conflict and resolved, and a settled job's event carries its counts", async () => {
     const { wb, tableId, rel } = await downloaded(account, "public.accounts");
     const r20 = await byRemote(rel, "20");
     await update(tableId, r20, { name: "mine 20" });
     await source.query("update public.accounts set name = 'theirs 20' where id = 20");
-    await publish(wb);
+    const job = await publish(wb);
+    // Job events carry the same words (counts only).
+    const jobEvent = (await owner().query(`select payload from snapbase_private.events where topic = $1 and kind = 'job' and payload ->> 'job_id' = $2 order by id desc limit 1`,
+      [`workbook:${wb}`, String(job.id)])).rows[0].payload;
+    expect(jobEvent).toMatchObject({ state: "partial", result: { published: 0, conflicts: 1, failed: 0 } });
     const last = async () => (await owner().query(`select payload from snapbase_private.events where topic = $1 and kind = 'records' order by id desc limit 1`, [`workbook:${wb}`])).rows[0].payload;
     expect(await last()).toMatchObject({ action: "conflict", table_id: Number(tableId) });
     await resolve(tableId, r20, "theirs");
