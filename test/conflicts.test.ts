@@ -173,6 +173,32 @@ describe("after a publish the workbook holds what the source stored", () => {
   });
 });
 
+describe("an edit made while a publish runs", () => {
+  it("keeps its value and stays edited when the publish writes back what the source stored", async () => {
+    // The publish's steps, as the task takes them, each its own transaction; the edit comes between them.
+    const { tableId, rel } = await downloaded(account, "public.accounts");
+    const r30 = await byRemote(rel, "30");
+    await update(tableId, r30, { name: "sent" });
+    const job = (await owner().query(`insert into snapbase.jobs (kind, state, connector_account_id, workbook_id, table_id, options)
+      select 'publish', 'running', $1, workbook_id, id, jsonb_build_object('remote_table', 'public.accounts') from snapbase.workbook_tables where id = $2 returning id`,
+      [account, tableId])).rows[0].id;
+    try {
+      const { rows: [{ batch }] } = await owner().query("select snapbase_private.next_to_publish($1, 'update', 10) as batch", [job]);
+      expect(batch).toEqual([expect.objectContaining({ id: Number(r30), values: { name: "sent" } })]);
+      await update(tableId, r30, { city: "edited meanwhile" });
+      const stored = { id: 30, name: "sent", city: "Paris", plan: "free", amount: 30 };
+      await owner().query("select snapbase_private.record_publish_outcomes($1, $2)",
+        [job, JSON.stringify([{ id: Number(r30), ok: true, remote_id: "30", source_values: stored }])]);
+      const after = await record(tableId, r30);
+      expect(after).toMatchObject({ values: { ...stored, city: "edited meanwhile" }, state: { dirty: true, publish: { state: "published" } } });
+      expect(Object.keys(after.edited)).toEqual(["city"]);
+      expect((await owner().query(`select __last_seen from ${rel} where __id = $1`, [r30])).rows[0].__last_seen).toEqual(stored);
+    } finally {
+      await owner().query("update snapbase.jobs set state = 'failed', finished_at = now() where id = $1", [job]);
+    }
+  });
+});
+
 describe("conflicts can be worked through", () => {
   it("a publish conflict is listed with mine and theirs, and resolved per cell: take theirs, keep mine", async () => {
     const { wb, tableId, rel } = await downloaded(account, "public.accounts");

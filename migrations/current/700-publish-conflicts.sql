@@ -484,8 +484,8 @@ begin
     with __sb_x as (
       select __sb_w.__id as __sb_id, (__sb_o ->> 'ok')::boolean as __sb_ok, __sb_o as __sb_out, __sb_n as __sb_stored,
              -- The stored record's fields, as typed JSON.
-             (select coalesce(jsonb_object_agg(__sb_k, to_jsonb(__sb_n.*) -> __sb_k), '{}')
-                from jsonb_object_keys(coalesce(__sb_o -> 'source_values', '{}')) __sb_k where __sb_k = any ($4)) as __sb_seen,
+             (select coalesce(jsonb_object_agg(__sb_f.key, __sb_f.value), '{}') from jsonb_each(to_jsonb(__sb_n.*)) __sb_f
+               where __sb_o -> 'source_values' ? __sb_f.key and __sb_f.key = any ($4)) as __sb_seen,
              -- Edits made after this publish took the record: they were not sent.
              (select coalesce(jsonb_object_agg(__sb_e.key, __sb_e.value), '{}') from jsonb_each(__sb_w.__edited) __sb_e
                where (__sb_w.__publish ->> 'job_id')::bigint = $2 and __sb_e.value #>> '{}' ~ '^\d{4}-\d\d-\d\d[T ]\d\d:\d\d'
