@@ -297,9 +297,16 @@ describe("conflicts can be worked through", () => {
       [r6, [{ column: "city", mine: "mine", theirs: "theirs", last_seen: "Paris" }]]]);
 
     // The source goes back to what was last seen: no conflict any more, the edit stays.
-    await source.query("update public.accounts set city = 'Paris' where id = 6");
-    expect(await refresh(tableId)).toMatchObject({ result: { conflicts: 0 } });
+    // A record in conflict that the source deleted is no conflict either: it failed (resolve_source_deleted decides).
+    const r9 = await byRemote(rel, "9");
+    await update(tableId, r9, { plan: "mine" });
+    await source.query("update public.accounts set plan = 'theirs' where id = 9");
+    expect(await refresh(tableId)).toMatchObject({ result: { conflicts: 2 } });
+    await source.query("update public.accounts set city = 'Paris' where id = 6; delete from public.accounts where id = 9");
+    expect(await refresh(tableId)).toMatchObject({ result: { conflicts: 0, flagged_deleted_at_source: 1 } });
     expect(await record(tableId, r6)).toMatchObject({ values: { city: "mine" }, state: { dirty: true, publish: null } });
+    expect((await record(tableId, r9)).state).toMatchObject({ source_deleted: true, publish: { state: "failed", error: "record 9 no longer exists at the source" } });
+    expect((await worklist(tableId)).counts).toEqual({ conflict: 0, failed: 1 });
   });
 
   it("lists failed records too, pages through the list, and refuses what cannot be resolved", async () => {

@@ -340,7 +340,7 @@ describe("managed tables: publishing goes through change requests", () => {
     const approved = await http(server.url, "POST", `/api/v1/changes/${cr.id}/approve`, { token: adminToken });
     expect(approved.status).toBe(200);
     const job = (await owner().query("select * from snapbase.jobs where id = $1", [waiting.id])).rows[0];
-    expect(job).toMatchObject({ state: "succeeded" });
+    expect(job).toMatchObject({ state: "succeeded", message: null }); // no longer "awaiting approval of change request …"
     expect((await owner().query("select id, label from t5.items where id in (3, 11) order by id")).rows).toEqual([{ id: 3, label: "relabelled" }, { id: 11, label: "eleven" }]);
     expect((await owner().query("select count(*)::int as n from snapbase.snapshots where change_request_id = $1", [cr.id])).rows[0].n).toBe(1);
     const eleven = await recordByRemote(rel, "11");

@@ -318,6 +318,9 @@ as $$
   end
 $$;
 
+comment on function snapbase_private.refreshed_publish_state(jsonb, jsonb, bigint) is
+  'A record''s publish state after a refresh: a conflict stated afresh (same shape as one a publish finds), a conflict that went away cleared, a record on its way to the source left alone.';
+
 -- Applies one batch of source records [{remote_id, values}] to the job's table.
 -- New records are inserted; a known record takes the source's values except in
 -- the fields edited here, which keep the local value, and a field stays edited
