@@ -275,7 +275,7 @@ describe("conflicts can be worked through", () => {
   });
 
   it("a refresh finds conflicts as a publish does, and clears those that went away", async () => {
-    const { tableId, rel } = await downloaded(account, "public.accounts");
+    const { wb, tableId, rel } = await downloaded(account, "public.accounts");
     const [r6, r7, r8] = [await byRemote(rel, "6"), await byRemote(rel, "7"), await byRemote(rel, "8")];
     await update(tableId, r6, { city: "mine" });
     await update(tableId, r7, { city: "same" });
@@ -307,6 +307,9 @@ describe("conflicts can be worked through", () => {
     expect(await record(tableId, r6)).toMatchObject({ values: { city: "mine" }, state: { dirty: true, publish: null } });
     expect((await record(tableId, r9)).state).toMatchObject({ source_deleted: true, publish: { state: "failed", error: "record 9 no longer exists at the source" } });
     expect((await worklist(tableId)).counts).toEqual({ conflict: 0, failed: 1 });
+    await gql(`mutation($t: BigInt!, $r: BigInt!) { resolveSourceDeleted(input: { tableId: $t, recordId: $r, action: "recreate" }) { result } }`, { t: tableId, r: r9 });
+    const event = (await owner().query(`select payload from snapbase_private.events where topic = $1 and kind = 'records' order by id desc limit 1`, [`workbook:${wb}`])).rows[0].payload;
+    expect(event).toMatchObject({ action: "resolved", count: 1 });
   });
 
   it("lists failed records too, pages through the list, and refuses what cannot be resolved", async () => {

@@ -815,8 +815,9 @@ grant execute on function snapbase.resolve_conflict(bigint, bigint, text, text) 
 
 -- As before (000019), except for publish states: a statement that publishes records
 -- says 'published'; one that finds conflicts (publish or refresh) 'conflict'; one
--- that records failures 'failed'; taking records for a publish (pushing, sending,
--- awaiting approval) is bookkeeping, not announced.
+-- that records failures 'failed'; one that clears a record's publish state without
+-- editing it 'resolved'; taking records for a publish (pushing, sending, awaiting
+-- approval) is bookkeeping, not announced.
 create or replace function snapbase_private.tg__records_event() returns trigger
 language plpgsql
 security definer
@@ -839,6 +840,8 @@ begin
              when bool_or(__sb_c.publish_changed and __sb_n.__publish ->> 'state' = 'conflict') then 'conflict'
              when bool_or(__sb_c.publish_changed and __sb_n.__publish ->> 'state' = 'failed') then 'failed'
              when bool_or(__sb_c.data_changed) then 'edited'
+             -- A publish state cleared without an edit: a decision (resolve_source_deleted).
+             when bool_or(__sb_c.publish_changed and __sb_n.__publish is null) then 'resolved'
              when bool_or(not (__sb_o.__suggested @> __sb_n.__suggested) or __sb_n.__suggest_delete is not null and __sb_o.__suggest_delete is null) then 'suggested'
              when bool_or(__sb_n.__suggested <> __sb_o.__suggested or __sb_n.__suggest_delete is distinct from __sb_o.__suggest_delete) then 'rejected'
              else 'updated'
