@@ -410,7 +410,7 @@ async function updateRecord(c: mysql.PoolConnection, t: ResolvedTable,
       [...fields.map(([, v]) => v), id]);
     if (result.affectedRows === 0) return missingRecord(record.remoteId);
   }
-  // Nothing to change: only report whether the record is still there (and what it holds).
+  // The record as it is now (with nothing to change, this says whether it is still there).
   const newId = record.values[t.spec.remoteIdColumn];
   const now = newId === undefined || newId === null ? id : toMysqlValue(newId, t.types.get(t.spec.remoteIdColumn));
   return (await storedRecord(c, t, now)) ?? missingRecord(record.remoteId);
