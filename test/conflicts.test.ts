@@ -335,6 +335,15 @@ describe("conflicts can be worked through", () => {
     expect(await refused(resolve(tableId, ids[3]!, "both"))).toEqual({ code: "22023", message: "keep must be mine or theirs (got both)" });
     expect(await refused(resolve(tableId, "9123456789", "mine"))).toEqual({ code: "P0002", message: `no record 9123456789 in workbook table ${tableId}` });
     expect(await refused(worklist(tableId, "pending"))).toEqual({ code: "22023", message: "publish_state must be conflict or failed (got pending)" });
+    // Hostile text is only ever compared with the conflict's own column names and words.
+    const count = async () => (await owner().query(`select count(*)::int as n from ${rel}`)).rows[0].n;
+    const records = await count();
+    for (const column of [`name"; drop table ${rel}; --`, "name = 'x' or true", "__publish", "__sb_r.__edited"]) {
+      expect(await refused(resolve(tableId, ids[3]!, "theirs", column))).toEqual({ code: "22023", message: `record ${ids[3]} has no conflict in column ${column}` });
+    }
+    expect(await refused(resolve(tableId, ids[3]!, "mine' or '1'='1"))).toMatchObject({ code: "22023" });
+    expect(await refused(worklist(tableId, "conflict' or true --"))).toMatchObject({ code: "22023" });
+    expect(await count()).toBe(records);
 
     // A viewer may list but not resolve; an agent may do neither (agents only suggest).
     const org = (await owner().query("select organization_id from snapbase.workbooks where id = $1", [wb])).rows[0].organization_id;
