@@ -30,6 +30,8 @@ interface StoredOutcome {
   ok: boolean;
   remote_id?: string;
   error?: string;
+  /** A created or updated record as the source stored it: the workbook takes these values. */
+  source_values?: Record<string, unknown>;
 }
 
 interface UnsettledBatch {
@@ -42,7 +44,7 @@ interface UnsettledBatch {
 const toStored = (records: PendingRecord[], outcomes: RecordOutcome[]): StoredOutcome[] =>
   records.map((r, i) => {
     const o = outcomes[i] ?? { ok: false, error: "the connector returned no outcome for this record" };
-    return o.ok ? { id: r.id, ok: true, remote_id: o.remoteId } : { id: r.id, ok: false, error: o.error };
+    return o.ok ? { id: r.id, ok: true, remote_id: o.remoteId, source_values: o.values } : { id: r.id, ok: false, error: o.error };
   });
 
 /**
@@ -80,7 +82,8 @@ async function push(scope: JobScope, what: Kind, batch: PendingRecord[]): Promis
   if (what !== "create") {
     const current = await connector.fetch(table, batch.map((r) => r.remote_id!));
     if (what === "update") {
-      // Records changed at the source since download are held back (the check stores their outcomes).
+      // Records whose edited fields changed at the source since last seen are conflicts, not sent
+      // (the check stores their outcomes, with the source's values).
       const [{ sendable }] = await sql<{ sendable: string[] }>("select snapbase_private.check_publish_conflicts($1, $2, $3) as sendable",
         [job.id, JSON.stringify(batch), JSON.stringify(Object.fromEntries(current))]);
       toSend = batch.filter((r) => sendable.includes(String(r.id)));

@@ -251,12 +251,15 @@ describe("postgres connector", () => {
       { name: "rejected", price: -1 },
       { name: "new B", price: 2 },
     ]);
-    expect(created[0]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/) });
+    expect(created[0]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new A", price_with_tax: 12.6 }) });
     expect(created[1]).toEqual({ ok: false, error: expect.stringMatching(/violates check constraint "items_price_check"/) });
-    expect(created[2]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/) });
+    expect(created[2]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new B" }) });
     const [a, b] = [created[0], created[2]].map((o) => (o.ok ? o.remoteId : ""));
     const read = async (id: string) =>
       (await admin.query("select to_jsonb(t) as v from shop.items t where id = $1", [id])).rows[0]?.v;
+    // Each outcome carries the record as the source stored it (identity, defaults, computed columns).
+    const stored = await source.fetch("shop.items", [a, b]);
+    expect([created[0], created[2]].map((o) => (o.ok ? o.values : null))).toEqual([stored.get(a), stored.get(b)]);
     expect(await read(a)).toEqual({
       id: Number(a), name: "new A", price: 10.5, qty: 3, tags: ["a", "b"], meta: { k: [1, 2] }, active: false,
       created_at: "2024-05-01T08:00:00+00:00", price_with_tax: 12.6, // read-only: computed by the source, not 999
@@ -270,10 +273,10 @@ describe("postgres connector", () => {
       { remoteId: b, values: {} },
     ]);
     expect(updated).toEqual([
-      { ok: true, remoteId: a },
+      { ok: true, remoteId: a, values: { ...stored.get(a), qty: 4 } },
       { ok: false, error: expect.stringMatching(/invalid input syntax for type numeric: "abc"/) },
       { ok: false, error: "record 99999999 no longer exists at the source" },
-      { ok: true, remoteId: b },
+      { ok: true, remoteId: b, values: stored.get(b) },
     ]);
     expect(await read(a)).toMatchObject({ name: "new A", qty: 4, price: 10.5 });
     expect(await read(b)).toMatchObject({ name: "new B", price: 2 });
@@ -293,7 +296,7 @@ describe("postgres connector", () => {
       { id: "w3", mood: "angry" },
     ]);
     expect(created).toEqual([
-      { ok: true, remoteId: "w2" },
+      { ok: true, remoteId: "w2", values: expect.objectContaining({ id: "w2", big: "9007199254740995", mood: "happy", doc: "just a string" }) },
       { ok: false, error: expect.stringMatching(/invalid input value for enum shop.mood: "angry"/) },
     ]);
     const { rows } = await admin.query("select big::text, exact::text, mood::text, doc from public.wide where id = 'w2'");
@@ -480,10 +483,13 @@ describe("mysql connector", () => {
       { name: "rejected", qty: "abc" },
       { name: "new B", price: 2 },
     ]);
-    expect(created[0]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/) });
+    expect(created[0]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new A", price_with_tax: "12.60" }) });
     expect(created[1]).toEqual({ ok: false, error: expect.stringMatching(/Incorrect integer value: 'abc' for column .*qty/) });
-    expect(created[2]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/) });
+    expect(created[2]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new B" }) });
     const [a, b] = [created[0], created[2]].map((o) => (o.ok ? o.remoteId : ""));
+    // Each outcome carries the record as the source stored it (auto_increment id, defaults, generated columns).
+    const stored = await source.fetch(items, [a, b]);
+    expect([created[0], created[2]].map((o) => (o.ok ? o.values : null))).toEqual([stored.get(a), stored.get(b)]);
     const read = async (id: string) =>
       (await admin.query<mysql.RowDataPacket[]>(`select * from ${items} where id = ?`, [id]))[0][0];
     expect(await read(a)).toEqual({
@@ -501,10 +507,10 @@ describe("mysql connector", () => {
       { remoteId: b, values: {} },
     ]);
     expect(updated).toEqual([
-      { ok: true, remoteId: a },
+      { ok: true, remoteId: a, values: { ...stored.get(a), qty: 4, doc: "just a string" } },
       { ok: false, error: expect.stringMatching(/Incorrect integer value: 'abc'/) },
       { ok: false, error: "record 99999999 no longer exists at the source" },
-      { ok: true, remoteId: b },
+      { ok: true, remoteId: b, values: stored.get(b) },
     ]);
     expect(await read(a)).toMatchObject({ name: "new A", qty: 4, price: "10.50", doc: '"just a string"' });
     expect(await read(b)).toMatchObject({ name: "new B", qty: null, price: "2.00" });
@@ -520,7 +526,7 @@ describe("mysql connector", () => {
 
   test("create on a table whose key is not auto_increment needs the key, and returns it", async () => {
     expect(await source.create(codes, [{ code: "X-1", label: "first" }, { label: "no code" }])).toEqual([
-      { ok: true, remoteId: "X-1" },
+      { ok: true, remoteId: "X-1", values: { code: "X-1", label: "first" } },
       { ok: false, error: "a new record needs a value for code: it is not auto_increment" },
     ]);
     const [rows] = await admin.query<mysql.RowDataPacket[]>(`select * from ${codes}`);

@@ -137,7 +137,7 @@ describe("csv: upload, download, edit, suggest, publish", () => {
     await deleteRecord(tableId, await recordByRemote(rel, "4"));
 
     const published = await publish(wb);
-    expect(published).toMatchObject({ state: "succeeded", result: { published: 4, failed: 0, held_back: 0 } });
+    expect(published).toMatchObject({ state: "succeeded", result: { published: 4, failed: 0, conflicts: 0 } });
     expect(await record(tableId, created.id)).toMatchObject({ remote_id: "10", state: { dirty: false, created: false, publish: { state: "published" } } });
 
     // One version per write call: creates, updates, deletes.
@@ -206,7 +206,7 @@ describe("csv: upload, download, edit, suggest, publish", () => {
     await update(b.tableId, await recordByRemote(b.rel, "1"), { label: "from B" });
     await update(b.tableId, await recordByRemote(b.rel, "2"), { label: "deux" });
     expect(await publish(a.wb)).toMatchObject({ state: "succeeded", result: { published: 1 } });
-    expect(await publish(b.wb)).toMatchObject({ state: "partial", result: { published: 1, conflicts: 1, held_back: 1 } });
+    expect(await publish(b.wb)).toMatchObject({ state: "partial", result: { published: 1, conflicts: 1, failed: 0 } });
     expect((await record(b.tableId, await recordByRemote(b.rel, "1"))).state.publish).toMatchObject({
       state: "conflict", source_values: { label: "from A" } });
     expect(rowsOf((await download(fileId)).text)).toEqual([["id", "label"], ["1", "from A"], ["2", "deux"]]);

@@ -261,8 +261,12 @@ describe("a publish cut off after the source committed", () => {
     expect(rows).toHaveLength(28);
     expect((await source.query("select count(*)::int as n from public.writes where op = 'INSERT'")).rows[0].n).toBe(28);
     // The workbook knows each one's remote id; the refused two keep their edits and say why.
-    const local = (await owner().query(`select __remote_id, __created, __publish ->> 'state' as state, __publish ->> 'error' as error from ${rel} where name like $1`, [`new ${RUN} %`])).rows;
+    const local = (await owner().query(`select id, __remote_id, __created, __publish ->> 'state' as state, __publish ->> 'error' as error,
+                                                to_jsonb(r.*) - snapbase_private.record_meta_columns() = r.__last_seen as in_sync
+                                           from ${rel} r where name like $1`, [`new ${RUN} %`])).rows;
     expect(local.filter((r) => r.state === "published" && !r.__created).map((r) => Number(r.__remote_id)).sort((a, b) => a - b)).toEqual(rows.map((r) => r.id));
+    // What the source stored came back with the settled outcomes (kept in the intent): each new record's id.
+    expect(local.filter((r) => r.state === "published").every((r) => r.id === Number(r.__remote_id) && r.in_sync)).toBe(true);
     expect(local.filter((r) => r.state === "failed")).toEqual([
       expect.objectContaining({ __created: true, error: expect.stringMatching(/check constraint/) }),
       expect.objectContaining({ __created: true, error: expect.stringMatching(/check constraint/) }),
@@ -319,10 +323,11 @@ describe("a publish cut off after the source committed", () => {
       const current = { [String(sourceId)]: { id: sourceId, name: `landed ${RUN}`, amount: 1 } };
       const { rows: [{ settled }] } = await client.query("select snapbase_private.settle_publish_batch($1, $2, 'unknown', $3) as settled", [job.id, batch, JSON.stringify(current)]);
       expect(settled).toEqual({ published: 1, resent: 1 });
-      const after = (await client.query(`select __id, __remote_id, __publish ->> 'state' as state from ${rel} where __id in ($1, $2) order by __id`, [landed, lost])).rows;
+      const after = (await client.query(`select __id, __remote_id, __publish ->> 'state' as state, id, __last_seen ->> 'id' as seen_id from ${rel} where __id in ($1, $2) order by __id`, [landed, lost])).rows;
+      // The landed record takes what the source holds now (its new id too).
       expect(after).toEqual([
-        { __id: landed, __remote_id: String(sourceId), state: "published" },
-        { __id: lost, __remote_id: null, state: "pushing" },
+        { __id: landed, __remote_id: String(sourceId), state: "published", id: sourceId, seen_id: String(sourceId) },
+        { __id: lost, __remote_id: null, state: "pushing", id: null, seen_id: null },
       ]);
     } finally {
       await client.query("rollback");

@@ -180,7 +180,7 @@ describe("postgres: download, edit, suggest, publish", () => {
 
     await source.query("truncate public.pushes");
     const published = await publish(wb);
-    expect(published).toMatchObject({ state: "succeeded", result: { published: 4, failed: 0, held_back: 0 } });
+    expect(published).toMatchObject({ state: "succeeded", result: { published: 4, failed: 0, conflicts: 0 } });
 
     const rows = (await source.query("select id, name, amount::text, city from public.customers where id in (1, 2, 3) or name = 'Brand new' order by id")).rows;
     expect(rows).toEqual([
@@ -202,7 +202,7 @@ describe("postgres: download, edit, suggest, publish", () => {
     await update(tableId, r5, { name: "Local name" });
     await source.query("update public.customers set name = 'Changed at the source' where id = 5");
     const held = await publish(wb);
-    expect(held).toMatchObject({ state: "partial", result: { published: 0, conflicts: 1, failed: 0, held_back: 1 }, done: "1", total: "1",
+    expect(held).toMatchObject({ state: "partial", result: { published: 0, conflicts: 1, failed: 0 }, done: "1", total: "1",
       error: expect.stringMatching(/1 of 1 records were not published .*1 in conflict/) });
     expect((await record(tableId, r5)).state.publish).toMatchObject({
       state: "conflict", error: "changed at the source since download: name", source_values: { name: "Changed at the source" } });
@@ -265,7 +265,7 @@ describe("postgres: download, edit, suggest, publish", () => {
     await update(tableId, r30, { city: "Tallinn" });
     await source.query("delete from public.customers where id = 30");
     const job = await publish(wb);
-    expect(job).toMatchObject({ state: "partial", result: { published: 0, failed: 1, held_back: 1 } });
+    expect(job).toMatchObject({ state: "partial", result: { published: 0, failed: 1, conflicts: 0 } });
     const rec = await record(tableId, r30);
     expect(rec).toMatchObject({ values: { city: "Tallinn" }, state: { source_deleted: true, dirty: true,
       publish: { state: "failed", error: "record 30 no longer exists at the source" } } });
@@ -340,7 +340,7 @@ describe("managed tables: publishing goes through change requests", () => {
     const approved = await http(server.url, "POST", `/api/v1/changes/${cr.id}/approve`, { token: adminToken });
     expect(approved.status).toBe(200);
     const job = (await owner().query("select * from snapbase.jobs where id = $1", [waiting.id])).rows[0];
-    expect(job).toMatchObject({ state: "succeeded" });
+    expect(job).toMatchObject({ state: "succeeded", message: null }); // no longer "awaiting approval of change request …"
     expect((await owner().query("select id, label from t5.items where id in (3, 11) order by id")).rows).toEqual([{ id: 3, label: "relabelled" }, { id: 11, label: "eleven" }]);
     expect((await owner().query("select count(*)::int as n from snapbase.snapshots where change_request_id = $1", [cr.id])).rows[0].n).toBe(1);
     const eleven = await recordByRemote(rel, "11");

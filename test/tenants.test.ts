@@ -30,6 +30,7 @@ const OTHER_ARGS: Record<string, unknown> = {
   hidden_columns: null, column_order: null, sort_column: null, sort_descending: null, title_column: null, page_size: null,
   remote_id_column: null, after: null, descending: null, include_deleted: null, max_records: null, sample_rows: null,
   skip_bad_rows: false, after_id: null, max_events: null, user_id: "1", skip_unchanged: true, empty_cells: "skip", all_columns: false,
+  keep: "theirs", publish_state: null,
 };
 
 interface World {

@@ -271,6 +271,22 @@ describe("filters", () => {
     });
   });
 
+  // Issue 13: a filter used to be checked inside parentheses, so an unfinished one
+  // was "syntax error at or near ")"", a parenthesis the user never typed.
+  it.each([
+    ["amount >", "syntax error at end of input"],
+    ["lower(city = 'paris'", "syntax error at end of input"],
+    ["name = 'x' and", "syntax error at end of input"],
+    ["amount > > 1", 'syntax error at or near ">"'],
+    ["(amount > 1", "syntax error at end of input"],
+  ])("a syntax error in %s names what the user typed", async (filter, message) => {
+    await asActor(actorOf(alice), async (c) => {
+      const { table } = await workbookWithTable(c);
+      const error = await refusal(c, "select snapbase.set_table_filter($1, $2)", [table.id, filter]);
+      expect(error).toMatchObject({ code: "22023", message: `filter refused: ${message}` });
+    });
+  });
+
   it("keeps remote ids unique, while any number of local records have none", async () => {
     const { token, wb, rel } = await committedWorkbookTable("Remote ids");
     await owner().query(`insert into ${rel} (code, name) select g, 'local' from generate_series(1, 3) g`);

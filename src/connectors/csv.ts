@@ -283,6 +283,14 @@ function cellText(value: unknown): string {
   return JSON.stringify(value);
 }
 
+/** A record's values as the workbook reads them: cell texts by column (an empty cell is null), and its row number when that identifies it. */
+function valuesOf(loaded: Loaded, fields: string[], remoteId: string): Record<string, unknown> {
+  const values: Record<string, unknown> = {};
+  if (loaded.identity.kind === "row_number") values[loaded.identity.column] = remoteId;
+  for (let i = 0; i < loaded.header.length; i++) values[loaded.header[i]!] = fields[i] === "" ? null : fields[i];
+  return values;
+}
+
 export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: string; jobId?: string }): Connector {
   const fileId = credentials.fileId;
   // A connection the server drops (idle or in use) must not crash the process; the next query reports it.
@@ -366,13 +374,6 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
   /** The i-th data record's remote id (0-based, in file order). */
   const remoteIdOf = (loaded: Loaded, fields: string[], i: number): string =>
     loaded.identity.kind === "id" ? fields[loaded.identity.index]! : String(loaded.rowNumbers ? loaded.rowNumbers[i] : i + 1);
-
-  function valuesOf(loaded: Loaded, fields: string[], remoteId: string): Record<string, unknown> {
-    const values: Record<string, unknown> = {};
-    if (loaded.identity.kind === "row_number") values[loaded.identity.column] = remoteId;
-    for (let i = 0; i < loaded.header.length; i++) values[loaded.header[i]!] = fields[i] === "" ? null : fields[i];
-    return values;
-  }
 
   /** Data records with their remote ids, in file order, in batches as the parser has them. */
   async function* dataRecords(loaded: Loaded): AsyncGenerator<DataRecord[]> {
@@ -532,7 +533,7 @@ class Draft {
     }
     this.positions.set(remoteId, this.rows.length);
     this.rows.push({ remoteId, fields });
-    return { ok: true, remoteId };
+    return { ok: true, remoteId, values: valuesOf(this.loaded, fields, remoteId) };
   }
 
   update(remoteId: string, values: Record<string, unknown>): RecordOutcome {
@@ -548,7 +549,7 @@ class Draft {
     const fields = [...row.fields];
     for (const [i, name] of this.loaded.header.entries()) if (name in values) fields[i] = cellText(values[name]);
     this.rows[at] = { remoteId, fields };
-    return { ok: true, remoteId };
+    return { ok: true, remoteId, values: valuesOf(this.loaded, fields, remoteId) };
   }
 
   delete(remoteId: string): RecordOutcome {

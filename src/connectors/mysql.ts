@@ -375,6 +375,17 @@ function writableFields(t: ResolvedTable, values: Record<string, unknown>): [str
 
 // --- Writes ---------------------------------------------------------------------
 
+/**
+ * The record as the source stored it, read back in the write's own transaction:
+ * what MySQL decided (auto_increment ids, defaults, generated columns, triggers).
+ */
+async function storedRecord(c: mysql.PoolConnection, t: ResolvedTable, id: unknown): Promise<RecordOutcome | null> {
+  const [rows] = await c.query<mysql.RowDataPacket[]>(`select * from ${t.sql} where ${t.pk} = ?`, [id]);
+  if (rows.length === 0) return null;
+  const record = toRecord(t, rows[0] as Row);
+  return { ok: true, remoteId: record.remoteId, values: record.values };
+}
+
 async function createRecord(c: mysql.PoolConnection, t: ResolvedTable, values: Record<string, unknown>): Promise<RecordOutcome> {
   const fields = writableFields(t, values);
   const givenId = values[t.spec.remoteIdColumn];
@@ -384,25 +395,25 @@ async function createRecord(c: mysql.PoolConnection, t: ResolvedTable, values: R
   }
   const [result] = await c.query<mysql.ResultSetHeader>(
     `insert into ${t.sql} (${fields.map(([name]) => quote(name)).join(", ")}) values (?)`, [fields.map(([, v]) => v)]);
-  return { ok: true, remoteId: givenId === undefined || givenId === null ? String(result.insertId) : String(givenId) };
+  const id = givenId === undefined || givenId === null ? result.insertId : toMysqlValue(givenId, t.types.get(t.spec.remoteIdColumn));
+  return (await storedRecord(c, t, id)) ?? { ok: true, remoteId: String(givenId ?? result.insertId) };
 }
 
 async function updateRecord(c: mysql.PoolConnection, t: ResolvedTable,
   record: { remoteId: string; values: Record<string, unknown> }): Promise<RecordOutcome> {
   const id = toMysqlValue(record.remoteId, t.types.get(t.spec.remoteIdColumn));
   const fields = writableFields(t, record.values);
-  if (fields.length === 0) {
-    // Nothing to change: only report whether the record is still there.
-    const [rows] = await c.query<mysql.RowDataPacket[]>(`select 1 from ${t.sql} where ${t.pk} = ?`, [id]);
-    return rows.length === 0 ? missingRecord(record.remoteId) : { ok: true, remoteId: record.remoteId };
+  if (fields.length > 0) {
+    // affectedRows counts matched rows (mysql2 sets FOUND_ROWS), so an unchanged record still counts.
+    const [result] = await c.query<mysql.ResultSetHeader>(
+      `update ${t.sql} set ${fields.map(([name]) => `${quote(name)} = ?`).join(", ")} where ${t.pk} = ?`,
+      [...fields.map(([, v]) => v), id]);
+    if (result.affectedRows === 0) return missingRecord(record.remoteId);
   }
-  // affectedRows counts matched rows (mysql2 sets FOUND_ROWS), so an unchanged record still counts.
-  const [result] = await c.query<mysql.ResultSetHeader>(
-    `update ${t.sql} set ${fields.map(([name]) => `${quote(name)} = ?`).join(", ")} where ${t.pk} = ?`,
-    [...fields.map(([, v]) => v), id]);
-  if (result.affectedRows === 0) return missingRecord(record.remoteId);
+  // The record as it is now (with nothing to change, this says whether it is still there).
   const newId = record.values[t.spec.remoteIdColumn];
-  return { ok: true, remoteId: newId === undefined || newId === null ? record.remoteId : String(newId) };
+  const now = newId === undefined || newId === null ? id : toMysqlValue(newId, t.types.get(t.spec.remoteIdColumn));
+  return (await storedRecord(c, t, now)) ?? missingRecord(record.remoteId);
 }
 
 async function deleteRecord(c: mysql.PoolConnection, t: ResolvedTable, remoteId: string): Promise<RecordOutcome> {

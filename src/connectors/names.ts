@@ -12,7 +12,7 @@
 // wrapper below renames values both ways, so downloads, conflict checks and
 // publishing all use the source's own names.
 import { createHash } from "node:crypto";
-import { ConnectorError, type Connector, type RemoteRecord, type TableSpec } from "./types.ts";
+import { ConnectorError, type Connector, type RecordOutcome, type RemoteRecord, type TableSpec, type WriteOptions } from "./types.ts";
 
 const MAX_BYTES = 63;
 const PREFIX_BYTES = 49;
@@ -54,6 +54,16 @@ function namesOf(spec: TableSpec): Map<string, string> | null {
 const rename = (values: Record<string, unknown>, names: ReadonlyMap<string, string>): Record<string, unknown> =>
   Object.fromEntries(Object.entries(values).map(([k, v]) => [names.get(k) ?? k, v]));
 
+/** Outcomes whose stored values (the record as the source holds it) carry workbook names. */
+const localOutcomes = (outcomes: RecordOutcome[], toLocal: ReadonlyMap<string, string>): RecordOutcome[] =>
+  outcomes.map((o) => (o.ok && o.values ? { ...o, values: rename(o.values, toLocal) } : o));
+
+/** The write options, with beforeCommit told the outcomes under workbook names too. */
+function localWriteOptions(opts: WriteOptions | undefined, toLocal: ReadonlyMap<string, string>): WriteOptions | undefined {
+  const beforeCommit = opts?.beforeCommit;
+  return beforeCommit ? { ...opts, beforeCommit: (receipt, outcomes) => beforeCommit(receipt, localOutcomes(outcomes, toLocal)) } : opts;
+}
+
 /** The connector with its columns under their workbook names (see above). */
 export function withLocalColumnNames(connector: Connector): Connector {
   const specs = new Map<string, Promise<{ toLocal: Map<string, string>; toSource: Map<string, string> } | null>>();
@@ -94,11 +104,14 @@ export function withLocalColumnNames(connector: Connector): Connector {
     },
     async create(table, records, opts) {
       const names = await namesFor(table);
-      return connector.create(table, names ? records.map((r) => rename(r, names.toSource)) : records, opts);
+      if (!names) return connector.create(table, records, opts);
+      return localOutcomes(await connector.create(table, records.map((r) => rename(r, names.toSource)), localWriteOptions(opts, names.toLocal)), names.toLocal);
     },
     async update(table, records, opts) {
       const names = await namesFor(table);
-      return connector.update(table, names ? records.map((r) => ({ remoteId: r.remoteId, values: rename(r.values, names.toSource) })) : records, opts);
+      if (!names) return connector.update(table, records, opts);
+      return localOutcomes(await connector.update(table, records.map((r) => ({ remoteId: r.remoteId, values: rename(r.values, names.toSource) })),
+        localWriteOptions(opts, names.toLocal)), names.toLocal);
     },
   };
 }

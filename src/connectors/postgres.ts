@@ -285,31 +285,38 @@ function writableFields(t: ResolvedTable, values: Record<string, unknown>): { co
   return { columns: names.map(quote), json: JSON.stringify(Object.fromEntries(names.map((n) => [n, values[n]]))) };
 }
 
+/** The row a write returned: its remote id and every value, as the source stored it. */
+function stored(t: ResolvedTable, row: { remote_id: string; values: string }): RecordOutcome {
+  return { ok: true, remoteId: row.remote_id, values: parseRowJson(row.values, t.jsonColumns) };
+}
+
 // jsonb_populate_record casts each JSON value to the column's type, as PostgreSQL would on input.
+// RETURNING hands back the row as stored: identity ids, defaults, generated columns, what triggers set.
 async function createRecord(client: pg.PoolClient, t: ResolvedTable, values: Record<string, unknown>): Promise<RecordOutcome> {
   const { columns, json } = writableFields(t, values);
+  const returning = `returning s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values`;
   const sql = columns.length === 0
-    ? `insert into ${t.sql} default values returning ${t.pk}::text as remote_id`
-    : `insert into ${t.sql} (${columns.join(", ")})
+    ? `insert into ${t.sql} as s default values ${returning}`
+    : `insert into ${t.sql} as s (${columns.join(", ")})
        select ${columns.join(", ")} from jsonb_populate_record(null::${t.sql}, $1::jsonb)
-       returning ${t.pk}::text as remote_id`;
+       ${returning}`;
   const { rows } = await client.query(sql, columns.length === 0 ? [] : [json]);
-  return { ok: true, remoteId: rows[0].remote_id };
+  return stored(t, rows[0]);
 }
 
 async function updateRecord(client: pg.PoolClient, t: ResolvedTable,
   record: { remoteId: string; values: Record<string, unknown> }): Promise<RecordOutcome> {
   const { columns, json } = writableFields(t, record.values);
-  // Nothing to change: only report whether the record is still there.
+  // Nothing to change: only report whether the record is still there (and what it holds).
   const { rows } = columns.length === 0
-    ? await client.query(`select s.${t.pk}::text as remote_id from ${t.sql} s where s.${t.pk} = $1`, [record.remoteId])
+    ? await client.query(`select s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values from ${t.sql} s where s.${t.pk} = $1`, [record.remoteId])
     : await client.query(
       `update ${t.sql} s set ${columns.map((c) => `${c} = v.${c}`).join(", ")}
          from jsonb_populate_record(null::${t.sql}, $2::jsonb) v
         where s.${t.pk} = $1
-        returning s.${t.pk}::text as remote_id`,
+        returning s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values`,
       [record.remoteId, json]);
-  return rows.length === 0 ? missingRecord(record.remoteId) : { ok: true, remoteId: rows[0].remote_id };
+  return rows.length === 0 ? missingRecord(record.remoteId) : stored(t, rows[0]);
 }
 
 async function deleteRecord(client: pg.PoolClient, t: ResolvedTable, remoteId: string): Promise<RecordOutcome> {

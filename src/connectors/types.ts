@@ -29,9 +29,14 @@ export interface RemoteRecord {
   values: Record<string, unknown>;
 }
 
-/** What happened to one record written to the source, in input order. */
+/**
+ * What happened to one record written to the source, in input order. A created or
+ * updated record carries `values`: the whole record as the source stored it (what
+ * it decided: identity ids, defaults, generated columns, what triggers set), which
+ * the workbook takes as its values and as the values last seen at the source.
+ */
 export type RecordOutcome =
-  | { ok: true; remoteId: string }
+  | { ok: true; remoteId: string; values?: Record<string, unknown> }
   | { ok: false; error: string };
 
 export interface DownloadOptions {
