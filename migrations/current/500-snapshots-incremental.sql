@@ -1101,7 +1101,7 @@ begin
                                   record_count, columns, primary_key, chunk_count, stored_bytes, new_stored_bytes, layout_id,
                                   build, build_reason, chunks_built, build_ms)
   values (mt.id, mt.qualified_name, change_request_id, reason,
-          coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user),
+          snapbase_private.actor_name(),
           coalesce((select sum(r) from unnest(tree.page_rows) r), 0), cols, pk,
           coalesce((select sum(c) from unnest(tree.page_chunks) c), 0),
           coalesce((select sum(b) from unnest(tree.page_bytes) b), 0), new_bytes, layout.id,
@@ -1117,8 +1117,6 @@ begin
   on conflict (managed_table_id) do update set base_snapshot_id = excluded.base_snapshot_id, fingerprint = excluded.fingerprint;
   delete from snapbase_private.table_changes c where c.managed_table_id = mt.id;
 
-  perform pg_notify('snapbase:snapshots', json_build_object('kind', 'snapshot_created', 'id', snap.id,
-    'managed_table_id', mt.id, 'change_request_id', change_request_id, 'record_count', snap.record_count)::text);
   return snap;
 end;
 $$;
@@ -1326,7 +1324,7 @@ begin
   end if;
   insert into snapbase.managed_tables (schema_name, table_name, keep_last, keep_days, registered_by)
   values (rel.nspname, rel.relname, keep_last, keep_days,
-          coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user))
+          snapbase_private.actor_name())
   on conflict (schema_name, table_name) do update
     set keep_last = excluded.keep_last, keep_days = excluded.keep_days
   returning * into registered;

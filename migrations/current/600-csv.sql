@@ -524,7 +524,7 @@ begin
                            coalesce(sum(m.unchanged_cells), 0) as unchanged_cells, coalesce(sum(m.empty_cells_skipped), 0) as empty_cells_skipped
                       from (%s) m', '{}', snapbase_private.csv_suggestions_sql(t, key_column, key.key_idx, key.key_type, map))
       into counts
-      using imp.id, bad, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user), options -> 'skip_unchanged' = 'true',
+      using imp.id, bad, snapbase_private.actor_name(), options -> 'skip_unchanged' = 'true',
             options ->> 'empty_cells' = 'null';
     outcome := jsonb_build_object('suggested', counts.suggested, 'suggested_cells', counts.suggested_cells,
       'unchanged_cells', counts.unchanged_cells, 'empty_cells_skipped', counts.empty_cells_skipped,
@@ -637,7 +637,7 @@ begin
               from m$q$,
             snapbase_private.csv_suggestions_sql(t, key_column, key.key_idx, key.key_type, map), rel)
             into suggested, suggested_cells, unchanged_cells, empty_cells_skipped
-            using imp.id, bad_lines, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user),
+            using imp.id, bad_lines, snapbase_private.actor_name(),
                   options -> 'skip_unchanged' = 'true', options ->> 'empty_cells' = 'null';
         end if;
         exit attempts;
