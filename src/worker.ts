@@ -1,12 +1,12 @@
 // graphile-worker: every file in tasks/ is a task whose id is its file name.
-import { parseCrontab, run, type Runner, type TaskList, type Task } from "graphile-worker";
+import { Logger, parseCrontab, run, type Runner, type TaskList, type Task } from "graphile-worker";
 import { readdirSync } from "node:fs";
 import path from "node:path";
 import pg from "pg";
 import { ensureCredentialKeys } from "./connectors/credential-keys.ts";
 import { projectRoot } from "./db/migrate.ts";
 import { setJobContext } from "./jobs/context.ts";
-import { log } from "./log.ts";
+import { graphileLogFactory, log } from "./log.ts";
 
 const tasksFolder = path.join(projectRoot, "tasks");
 
@@ -19,6 +19,8 @@ export async function loadTaskList(): Promise<TaskList> {
   }
   return taskList;
 }
+
+const workerLogger = new Logger(graphileLogFactory("graphile-worker"));
 
 /** Recurring jobs (graphile-worker crontab syntax). */
 export const crontab = ["0 * * * * retention ?max=3"].join("\n");
@@ -51,6 +53,8 @@ export async function startWorker(opts: { ownerUrl: string; concurrency: number;
     parsedCronItems: parseCrontab(Object.keys(taskList).includes("retention") ? crontab : ""),
     noHandleSignals: true,
     pollInterval: 2000,
+    // JSON lines through src/log.ts, like everything else (graphile-worker prints plain text by default).
+    logger: workerLogger,
   });
   log.info("worker started", { tasks: Object.keys(taskList), concurrency: opts.concurrency });
   return {
