@@ -13,6 +13,8 @@ export class EventHub {
   private readonly listeners = new Map<string, Set<Listener>>();
   private closed = false;
   private readonly connectionString: string;
+  /** LISTEN and UNLISTEN one at a time: pg refuses overlapping queries on one client from pg@9 on. */
+  private queries: Promise<unknown> = Promise.resolve();
 
   constructor(connectionString: string) {
     this.connectionString = connectionString;
@@ -24,14 +26,14 @@ export class EventHub {
     if (!set) {
       set = new Set();
       this.listeners.set(topic, set);
-      await (await this.connection()).query(`listen ${pg.escapeIdentifier(channel(topic))}`);
+      await this.run(await this.connection(), `listen ${pg.escapeIdentifier(channel(topic))}`);
     }
     set.add(listener);
     return async () => {
       set.delete(listener);
       if (set.size === 0 && this.listeners.get(topic) === set) {
         this.listeners.delete(topic);
-        await this.client?.query(`unlisten ${pg.escapeIdentifier(channel(topic))}`).catch(() => {});
+        if (this.client) await this.run(this.client, `unlisten ${pg.escapeIdentifier(channel(topic))}`).catch(() => {});
       }
     };
   }
@@ -66,12 +68,18 @@ export class EventHub {
   private async relisten(): Promise<void> {
     try {
       const client = await this.connection();
-      for (const topic of this.listeners.keys()) await client.query(`listen ${pg.escapeIdentifier(channel(topic))}`);
+      for (const topic of this.listeners.keys()) await this.run(client, `listen ${pg.escapeIdentifier(channel(topic))}`);
       for (const [topic, set] of this.listeners) for (const listener of set) listener({ id: 0, topic, kind: "reconnected" });
     } catch (error) {
       log.warn("event listener could not reconnect", { error: (error as Error).message });
       if (!this.closed) setTimeout(() => void this.relisten(), 5000);
     }
+  }
+
+  private run(client: pg.Client, sql: string): Promise<unknown> {
+    const next = this.queries.then(() => client.query(sql));
+    this.queries = next.catch(() => {});
+    return next;
   }
 
   private dispatch(msg: pg.Notification): void {
