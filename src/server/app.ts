@@ -33,6 +33,8 @@ export interface ServerOptions {
   port: number;
   statementTimeoutMs?: number;
   credentialsKey?: string;
+  /** Connections the request pool (as the authenticator) may open; default 20. */
+  poolSize?: number;
   /** GraphiQL, introspection, suggestions, GraphQL limits, CORS, proxies; unset: development defaults. */
   http?: Partial<HttpOptions>;
 }
@@ -181,7 +183,7 @@ function errorHandler(error: unknown, req: Request, res: Response, _next: NextFu
 }
 
 export async function startServer(opts: ServerOptions): Promise<RunningServer> {
-  const authPool = new pg.Pool({ connectionString: opts.authenticatorUrl, max: 20 });
+  const authPool = new pg.Pool({ connectionString: opts.authenticatorUrl, max: opts.poolSize ?? 20 });
   const ownerPool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2 });
   authPool.on("error", (e) => log.warn("idle authenticator connection failed", { error: e.message }));
   ownerPool.on("error", (e) => log.warn("idle owner connection failed", { error: e.message }));
