@@ -1,5 +1,7 @@
 // Shared test helpers: act as a role inside a transaction that is rolled back,
 // create committed users for HTTP tests, and run the real server on a free port.
+// `db` is this test file's own database (a copy of the migrated template, made by
+// setup-file.ts), so a file may commit whatever it likes; what it logs is in `logged`.
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
@@ -7,14 +9,17 @@ import { signClaims } from "../src/auth/tokens.ts";
 import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
+export { logged } from "./log-sink.ts";
 
 const pools: pg.Pool[] = [];
 afterAll(async () => {
   await Promise.all(pools.splice(0).map((p) => p.end()));
 });
 
+// Test files run in parallel on a server other runs share: each keeps few connections
+// (these pools, a test server's pool, a worker's).
 function pool(url: string): pg.Pool {
-  const p = new pg.Pool({ connectionString: url, max: 6 });
+  const p = new pg.Pool({ connectionString: url, max: 4 });
   pools.push(p);
   return p;
 }
@@ -93,6 +98,9 @@ export async function tokenFor(u: TestUser): Promise<string> {
   return signClaims(rows[0].claims, db.jwtSecret);
 }
 
+/** The request pool of a test server (a real server's is 20). */
+export const TEST_SERVER_POOL_SIZE = 6;
+
 export async function startTestServer(
   opts: { statementTimeoutMs?: number } & Partial<Pick<ServerOptions, "http">> = {},
 ): Promise<RunningServer> {
@@ -105,6 +113,8 @@ export async function startTestServer(
     port: 0,
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
+    // Requests queue for these; more concurrent requests than connections still spread over all of them.
+    poolSize: TEST_SERVER_POOL_SIZE,
     http: opts.http,
   });
 }
