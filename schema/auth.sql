@@ -20,17 +20,14 @@ create type snapbase.jwt_claims as (
 );
 comment on type snapbase.jwt_claims is '@behavior -*
 The claims of a session (kind session) or stream token (kind stream); the server signs them.';
-grant usage on type snapbase.jwt_claims to public;
 
 create type snapbase.user_role as enum ('viewer', 'editor', 'admin');
-grant usage on type snapbase.user_role to public;
 
 create type snapbase_private.login_result as (
   outcome text,
   retry_after integer,
   claims snapbase.jwt_claims
 );
-grant usage on type snapbase_private.login_result to public;
 
 -- ============================================================================
 -- Tables

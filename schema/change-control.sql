@@ -10,10 +10,8 @@
 -- ============================================================================
 
 create type snapbase.change_kind as enum ('sql', 'edits', 'restore');
-grant usage on type snapbase.change_kind to public;
 
 create type snapbase.change_status as enum ('pending', 'approved', 'rejected', 'failed');
-grant usage on type snapbase.change_status to public;
 
 -- ============================================================================
 -- Tables

@@ -10,10 +10,8 @@
 -- ============================================================================
 
 create type snapbase.job_kind as enum ('test_connection', 'list_tables', 'download', 'publish');
-grant usage on type snapbase.job_kind to public;
 
 create type snapbase.job_state as enum ('queued', 'running', 'awaiting_approval', 'succeeded', 'failed', 'cancelled');
-grant usage on type snapbase.job_state to public;
 
 -- ============================================================================
 -- Tables

@@ -29,7 +29,6 @@ create type snapbase_private.probe_result as (
   tree text
 );
 comment on type snapbase_private.probe_result is 'What probe_user_text found in user text: problems, relations read and written, columns, parameters, the top statement, and the parse tree itself.';
-grant usage on type snapbase_private.probe_result to public;
 
 -- ============================================================================
 -- Functions

@@ -17,7 +17,6 @@ create type snapbase.snapshot_diff_row as (
   after jsonb
 );
 comment on type snapbase.snapshot_diff_row is 'One difference between two snapshots: added, removed or changed, by primary key.';
-grant usage on type snapbase.snapshot_diff_row to public;
 
 -- ============================================================================
 -- Sequences

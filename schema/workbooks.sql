@@ -16,10 +16,8 @@ create type snapbase.record_counts as (
   with_suggestions bigint,
   deleted bigint
 );
-grant usage on type snapbase.record_counts to public;
 
 create type snapbase.workbook_access_level as enum ('viewer', 'editor');
-grant usage on type snapbase.workbook_access_level to public;
 
 -- ============================================================================
 -- Tables

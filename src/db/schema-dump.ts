@@ -111,7 +111,7 @@ async function readCatalogs(client: pg.ClientBase, runtime: RegExp[]) {
 
   // Default privileges of the owner: what differs from PostgreSQL's built-in defaults.
   const defaultAcls = (await client.query<DefaultAclRow>(`
-    select pg_get_userbyid(d.defaclrole) as role, quote_ident(n.nspname) as schema, d.defaclobjtype as objtype,
+    select pg_get_userbyid(d.defaclrole) as role, n.nspname as schema, d.defaclobjtype as objtype,
            ${aclJson("d.defaclacl", "case d.defaclobjtype when 'S' then 's' else d.defaclobjtype end", "d.defaclrole")} as acl,
            ${aclJson("null", "case d.defaclobjtype when 'S' then 's' else d.defaclobjtype end", "d.defaclrole")} as defaults
       from pg_default_acl d left join pg_namespace n on n.oid = d.defaclnamespace
@@ -233,15 +233,21 @@ async function readCatalogs(client: pg.ClientBase, runtime: RegExp[]) {
 type Catalogs = Awaited<ReturnType<typeof readCatalogs>>;
 
 const literal = (text: string) => `'${text.replace(/'/g, "''")}'`;
+/** The schema of a schema.name key. */
+const schemaOf = (key: string) => key.slice(0, key.indexOf("."));
+/** An identifier as SQL writes it (quoted unless plainly lower-case; keywords are never schema names here). */
+const quoteName = (name: string) => (/^[a-z_][a-z0-9_$]*$/.test(name) ? name : `"${name.replace(/"/g, '""')}"`);
 /** Code-point order: the same on every server and locale. */
 const compare = (a: string, b: string) => (a < b ? -1 : a > b ? 1 : 0);
 
 class Renderer {
   private readonly roleNames: Map<string, string>;
   private readonly dbOwner: string;
+  private readonly defaultAcls: DefaultAclRow[];
 
-  constructor(roles: RoleNames, dbOwner: string) {
+  constructor(roles: RoleNames, dbOwner: string, defaultAcls: DefaultAclRow[]) {
     this.dbOwner = dbOwner;
+    this.defaultAcls = defaultAcls;
     // Real role name → the placeholder the migrations write.
     this.roleNames = new Map(Object.entries(rolePlaceholders(roles)).map(([placeholder, name]) => [name, placeholder]));
     this.roleNames.set(dbOwner, ":DATABASE_OWNER");
@@ -264,7 +270,33 @@ class Renderer {
     return out;
   }
 
-  /** GRANT statements for an ACL; privileges on `on` (e.g. "table snapbase.users"). */
+  /**
+   * What a new object of a kind gets in this database: PostgreSQL's built-in default
+   * (PUBLIC may execute functions and use types) as the owner's default privileges
+   * change it, for the whole database and then for the object's schema.
+   */
+  private creationDefault(objtype: "r" | "S" | "f" | "T" | "n", schema: string | null): AclEntry[] {
+    const builtIn: Record<string, AclEntry[]> = { f: [{ grantee: "public", privilege: "execute", grantable: false }], T: [{ grantee: "public", privilege: "usage", grantable: false }] };
+    const global = this.defaultAcls.find((d) => d.schema === null && d.objtype === objtype);
+    const perSchema = schema === null ? undefined : this.defaultAcls.find((d) => d.schema === schema && d.objtype === objtype);
+    return [...(global ? global.acl : builtIn[objtype] ?? []), ...(perSchema?.acl ?? [])];
+  }
+
+  /**
+   * GRANT (and REVOKE) statements that take a new object of its kind to `acl`: what
+   * differs from creationDefault. `on` is what they name, e.g. "table snapbase.users".
+   */
+  privileges(acl: AclEntry[], objtype: "r" | "S" | "f" | "T" | "n", schema: string | null, on: string): string[] {
+    const key = (e: AclEntry) => `${e.grantee}/${e.privilege}/${e.grantable}`;
+    const defaults = this.creationDefault(objtype, schema);
+    const has = new Set(acl.map(key));
+    const given = new Set(defaults.map(key));
+    const revokes = defaults.filter((e) => !has.has(key(e)))
+      .map((e) => `revoke ${e.privilege} on ${on} from ${this.role(e.grantee)};`).sort(compare);
+    return [...revokes, ...this.grants(acl.filter((e) => !given.has(key(e))), on)];
+  }
+
+  /** GRANT statements for ACL entries; privileges on `on` (e.g. "table snapbase.users"). */
   grants(acl: AclEntry[], on: string, columns?: string): string[] {
     const byGrantee = new Map<string, { plain: string[]; grantable: string[] }>();
     for (const e of acl) {
@@ -293,12 +325,12 @@ class Renderer {
 
   schema(s: SchemaRow): string {
     return [`create schema ${s.ident};`, ...this.ownerLine("schema", s.ident, s.owner), ...this.comment("schema", s.ident, s.comment),
-      ...this.grants(s.acl, `schema ${s.ident}`)].join("\n");
+      ...this.privileges(s.acl, "n", null, `schema ${s.ident}`)].join("\n");
   }
 
   defaultAcl(d: DefaultAclRow): string {
     const objects: Record<string, string> = { r: "tables", S: "sequences", f: "functions", T: "types", n: "schemas" };
-    const head = `alter default privileges for role ${this.role(d.role)}${d.schema ? ` in schema ${d.schema}` : ""}`;
+    const head = `alter default privileges for role ${this.role(d.role)}${d.schema ? ` in schema ${quoteName(d.schema)}` : ""}`;
     const key = (e: AclEntry) => `${e.grantee}/${e.privilege}/${e.grantable}`;
     const has = new Set(d.acl.map(key));
     const lines: string[] = [];
@@ -322,7 +354,7 @@ class Renderer {
       body = [`create domain ${t.name} as ${d.base}`, ...(d.default !== null ? [`  default ${d.default}`] : []), ...(d.notnull ? ["  not null"] : []),
         ...d.checks.map((c) => `  ${c}`)].join("\n") + ";";
     } else throw new Error(`type ${t.name}: the schema dump does not render types of kind ${t.kind} yet (src/db/schema-dump.ts)`);
-    return [body, ...this.ownerLine("type", t.name, t.owner), ...this.comment("type", t.name, t.comment), ...this.grants(t.acl, `type ${t.name}`)].join("\n");
+    return [body, ...this.ownerLine("type", t.name, t.owner), ...this.comment("type", t.name, t.comment), ...this.privileges(t.acl, "T", schemaOf(t.key), `type ${t.name}`)].join("\n");
   }
 
   sequence(s: SequenceRow): string {
@@ -333,7 +365,7 @@ class Renderer {
     if (s.cache !== "1") options.push(`cache ${s.cache}`);
     if (s.cycle) options.push("cycle");
     return [`create sequence ${s.name} ${options.join(" ")};`, ...this.ownerLine("sequence", s.name, s.owner),
-      ...this.comment("sequence", s.name, s.comment), ...this.grants(s.acl, `sequence ${s.name}`)].join("\n");
+      ...this.comment("sequence", s.name, s.comment), ...this.privileges(s.acl, "S", schemaOf(s.key), `sequence ${s.name}`)].join("\n");
   }
 
   table(t: TableRow): string {
@@ -341,7 +373,7 @@ class Renderer {
       const kind = t.kind === "v" ? "view" : "materialized view";
       const options = t.options?.length ? ` with (${t.options.join(", ")})` : "";
       return [`create ${kind} ${t.name}${options} as\n${(t.viewdef ?? "").replace(/;\s*$/, "")};`, ...this.ownerLine(kind, t.name, t.owner),
-        ...this.comment(kind, t.name, t.comment), ...this.grants(t.acl, `table ${t.name}`), ...this.columnExtras(t)].join("\n");
+        ...this.comment(kind, t.name, t.comment), ...this.privileges(t.acl, "r", schemaOf(t.key), `table ${t.name}`), ...this.columnExtras(t)].join("\n");
     }
     if (t.kind !== "r") throw new Error(`${t.name}: the schema dump does not render relations of kind ${t.kind} yet (src/db/schema-dump.ts)`);
     const lines = t.columns.map((c) => {
@@ -365,9 +397,9 @@ class Renderer {
       const state: Record<string, string> = { D: "disable", R: "enable replica", A: "enable always" };
       if (state[g.enabled]) out.push(`alter table ${t.name} ${state[g.enabled]} trigger ${g.name};`);
     }
-    out.push(...this.grants(t.acl, `table ${t.name}`));
+    out.push(...this.privileges(t.acl, "r", schemaOf(t.key), `table ${t.name}`));
     out.push(...this.columnExtras(t));
-    for (const s of t.sequences) out.push(...this.grants(s.acl, `sequence ${s.name}`));
+    for (const s of t.sequences) out.push(...this.privileges(s.acl, "S", schemaOf(t.key), `sequence ${s.name}`));
     out.push(...this.comment("table", t.name, t.comment));
     for (const k of t.constraints) out.push(...this.comment("constraint", `${k.name} on ${t.name}`, k.comment));
     for (const i of t.indexes) out.push(...this.comment("index", i.name, i.comment));
@@ -408,7 +440,7 @@ class Renderer {
     const out: string[] = [];
     if (f.triggers.length) out.push(`-- fires as ${f.triggers.join(", ")}`);
     out.push(`${f.def.trimEnd()};`, ...this.ownerLine(kind, f.signature, f.owner), ...this.comment(kind, f.signature, f.comment));
-    out.push(...this.grants(f.acl, `${kind} ${f.signature}`));
+    out.push(...this.privileges(f.acl, "f", schemaOf(f.key), `${kind} ${f.signature}`));
     return out.join("\n");
   }
 }
@@ -454,7 +486,7 @@ export async function dumpSchema(client: pg.ClientBase, roles: RoleNames, map: C
     await client.query("rollback");
   }
   const capabilityOf = assign(catalogs, map);
-  const r = new Renderer(roles, catalogs.dbOwner);
+  const r = new Renderer(roles, catalogs.dbOwner, catalogs.defaultAcls);
   const sections = new Map<string, Map<string, string[]>>();
   const add = (file: string, section: string, text: string) => {
     const file_ = sections.get(file) ?? new Map<string, string[]>();
