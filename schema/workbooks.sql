@@ -86,7 +86,6 @@ create table snapbase.workbook_tables (
   connector_account_id bigint,
   remote_table text,
   filter_columns jsonb,
-  constraint _600_record_events TRIGGER DEFERRABLE INITIALLY DEFERRED,
   constraint workbook_tables_connector_account_id_fkey FOREIGN KEY (connector_account_id) REFERENCES snapbase.connector_accounts(id) ON DELETE SET NULL,
   constraint workbook_tables_name_check CHECK (((length(TRIM(BOTH FROM name)) >= 1) AND (length(TRIM(BOTH FROM name)) <= 200))),
   constraint workbook_tables_page_size_check CHECK (((page_size >= 1) AND (page_size <= 1000))),

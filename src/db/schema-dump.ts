@@ -174,7 +174,7 @@ async function readCatalogs(client: pg.ClientBase, runtime: RegExp[]) {
            coalesce((select json_agg(json_build_object('name', quote_ident(k.conname), 'def', pg_get_constraintdef(k.oid),
                                                        'comment', obj_description(k.oid, 'pg_constraint'))
                                      order by k.conname collate "C")
-              from pg_constraint k where k.conrelid = c.oid and k.contype <> 'n'), '[]') as constraints,
+              from pg_constraint k where k.conrelid = c.oid and k.contype not in ('n', 't')), '[]') as constraints,
            coalesce((select json_agg(json_build_object('name', i.indexrelid::regclass::text, 'def', pg_get_indexdef(i.indexrelid),
                                                        'comment', obj_description(i.indexrelid, 'pg_class'))
                                      order by i.indexrelid::regclass::text collate "C")
