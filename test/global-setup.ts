@@ -101,7 +101,8 @@ export default async function setup(project: TestProject) {
     const root = new pg.Client({ connectionString: rootUrl });
     await root.connect();
     try {
-      await dropCopies(root, template);
+      // TEST_KEEP_DATABASES=1 keeps each file's database to look into (the next run drops them).
+      if (!process.env.TEST_KEEP_DATABASES) await dropCopies(root, template);
     } finally {
       await root.end();
       await embedded?.stop();
