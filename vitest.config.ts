@@ -1,4 +1,8 @@
+import path from "node:path";
+import { fileURLToPath } from "node:url";
 import { defineConfig } from "vitest/config";
+
+const root = path.dirname(fileURLToPath(import.meta.url));
 
 export default defineConfig({
   test: {
@@ -10,6 +14,9 @@ export default defineConfig({
     fileParallelism: true,
     // Files wait on PostgreSQL much of the time: a few more workers than cores keep them busy.
     maxWorkers: Number(process.env.TEST_WORKERS) || 3,
+    // Each file runs in a fresh process: let them reuse V8's compiled code of the
+    // dependencies (PostGraphile and friends) instead of compiling it again.
+    env: { NODE_COMPILE_CACHE: process.env.NODE_COMPILE_CACHE ?? path.join(root, "node_modules", ".cache", "node-compile-cache") },
     testTimeout: 60_000,
     hookTimeout: 120_000,
     reporters: ["default"],
