@@ -6,7 +6,7 @@ import { ConfigError, loadConfig, type Config } from "./config.ts";
 import { prepareDatabase, type Database } from "./db/database.ts";
 import { dumpDrift, dumpFromMigrations, SchemaMappingError, schemaFolder, writeDump } from "./db/schema-dump.ts";
 import { commitMigration, projectRoot } from "./db/migrate.ts";
-import { loadDemo } from "./demo/index.ts";
+import { demoUsersBanner, loadDemo } from "./demo/index.ts";
 import { log } from "./log.ts";
 import { startServer, type RunningServer } from "./server/app.ts";
 import { exportSchema } from "./server/schema-export.ts";
@@ -17,12 +17,19 @@ type Stoppable = { name: string; stop: () => Promise<void> };
 /** A command that ran and found a problem to report (exit status 1, its message, no stack). */
 class CommandFailed extends Error {}
 
-function onShutdown(parts: Stoppable[]): void {
+function onShutdown(parts: Stoppable[], drainMs: () => number): void {
   let stopping = false;
   const shutdown = async (signal: string) => {
     if (stopping) return;
     stopping = true;
     log.info("shutting down", { signal });
+    // Every part bounds its own stop (drain, then stop what is left); this is the
+    // last resort should one of them hang anyway.
+    const deadline = setTimeout(() => {
+      log.error("shutdown did not finish in time; exiting");
+      process.exit(1);
+    }, 2 * drainMs() + 20_000);
+    deadline.unref();
     // Stop in reverse order of start: HTTP, then worker (drains running jobs), then the database.
     for (const part of [...parts].reverse()) {
       try {
@@ -40,24 +47,23 @@ function onShutdown(parts: Stoppable[]): void {
 
 async function start(config: Config, opts: { server: boolean; worker: boolean }): Promise<void> {
   const parts: Stoppable[] = [];
-  onShutdown(parts);
+  onShutdown(parts, () => config.shutdownDrainMs);
   const db: Database = await prepareDatabase(config);
   parts.push({ name: "database", stop: () => db.stop() });
   const roles = db.migrationTarget.roles;
 
   if (opts.server && config.demo) {
     const demo = await loadDemo(db.ownerUrl, roles, config.demoPassword);
-    if (demo.created) {
-      console.log(
-        `\nDemo users created (shown once; set DEMO_PASSWORD to choose it):\n` +
-          `  admin   ${demo.created.adminEmail}  password: ${demo.created.password}\n` +
-          `  editor  ${demo.created.editorEmail}  password: ${demo.created.password}\n`,
-      );
-    }
+    if (demo.created) console.log(demoUsersBanner(demo.created, config.demoPassword !== undefined));
   }
   let worker: Worker | undefined;
   if (opts.worker) {
-    worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: config.worker.concurrency, credentialsKey: db.credentialsKey });
+    worker = await startWorker({
+      ownerUrl: db.ownerUrl,
+      concurrency: config.worker.concurrency,
+      credentialsKey: db.credentialsKey,
+      drainMs: config.shutdownDrainMs,
+    });
     parts.push({ name: "worker", stop: () => worker!.stop() });
   }
   let server: RunningServer | undefined;
@@ -72,6 +78,7 @@ async function start(config: Config, opts: { server: boolean; worker: boolean })
       statementTimeoutMs: config.statementTimeoutMs,
       credentialsKey: db.credentialsKey,
       http: config.http,
+      shutdownDrainMs: config.shutdownDrainMs,
     });
     parts.push({ name: "http server", stop: () => server!.close() });
   }

@@ -3,6 +3,7 @@
 import { isIP } from "node:net";
 import path from "node:path";
 import { urlParts, urlUser } from "./db/urls.ts";
+import { maskConnectionString } from "./redact.ts";
 
 export type Environment = "development" | "production" | "test";
 
@@ -73,6 +74,8 @@ export interface Config {
   connectorHosts: string[];
   login: LoginPolicy;
   http: HttpOptions;
+  /** Shutdown: how long requests and jobs in flight may take to finish before they are stopped, in ms. */
+  shutdownDrainMs: number;
 }
 
 /** What a server gets when its options do not say (development). */
@@ -169,7 +172,7 @@ function parseDbUrl(name: string, raw: string | undefined, problems: string[]): 
     }
     return raw;
   } catch {
-    problems.push(`${name} is not a postgres:// URL (got ${JSON.stringify(raw.replace(/:[^:@/]*@/, ":***@"))})`);
+    problems.push(`${name} is not a postgres:// URL (got ${JSON.stringify(maskConnectionString(raw))})`);
     return undefined;
   }
 }
@@ -254,6 +257,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       maxFailuresPerAddress: parseInt10("LOGIN_MAX_FAILURES_PER_ADDRESS", env.LOGIN_MAX_FAILURES_PER_ADDRESS, 20, 1, 100000, problems),
       lockout: env.LOGIN_LOCKOUT || "15 minutes",
     },
+    shutdownDrainMs: parseInt10("SHUTDOWN_DRAIN_MS", env.SHUTDOWN_DRAIN_MS, 10000, 0, 600000, problems),
   };
   if (!intervalPattern.test(config.login.lockout)) {
     problems.push(`LOGIN_LOCKOUT must look like "15 minutes" or "1 hour" (got ${JSON.stringify(config.login.lockout)})`);

@@ -1,12 +1,16 @@
 // Structured logs: one JSON object per line, so any collector can parse them. Every
 // component logs through here: the server, REST, the worker and its tasks, and
 // graphile-migrate and graphile-worker (through graphileLogFactory below).
+// Connection strings and password parameters are masked in every message and field.
+import { redactDeep, redactText } from "./redact.ts";
+
 type Level = "debug" | "info" | "warn" | "error";
 const order: Record<Level, number> = { debug: 10, info: 20, warn: 30, error: 40 };
 let threshold: number = order[(process.env.LOG_LEVEL as Level) ?? "info"] ?? order.info;
 
-export function setLogLevel(level: Level): void {
-  threshold = order[level];
+/** "silent": nothing at all (tests that inject faults, whose errors are expected). */
+export function setLogLevel(level: Level | "silent"): void {
+  threshold = level === "silent" ? Infinity : order[level];
 }
 
 /** Where the lines go: by default stdout (warnings and errors to stderr). */
@@ -22,7 +26,7 @@ export function setLogSink(next: LogSink = stdio): void {
 
 function write(level: Level, msg: string, fields?: Record<string, unknown>): void {
   if (order[level] < threshold) return;
-  sink(JSON.stringify({ time: new Date().toISOString(), level, msg, ...fields }), level);
+  sink(JSON.stringify({ time: new Date().toISOString(), level, msg: redactText(msg), ...(fields ? (redactDeep(fields) as Record<string, unknown>) : {}) }), level);
 }
 
 export const log = {

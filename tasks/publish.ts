@@ -1,12 +1,22 @@
 // Publishes a workbook table's local changes to its source: creates, then updates,
-// then deletes, in batches. Every record's outcome is stored as soon as the source
-// answers, so a failure half-way loses nothing and a retry resumes with what is
-// left. Managed tables of this database publish through a change request instead.
+// then deletes, in batches. Exactly once, whatever is cut off where:
+//
+// - Before a batch's source transaction commits, its intent (what is about to be
+//   committed, and how to recognise the transaction at the source) is recorded.
+// - After the source answers, every record's outcome is stored.
+// - A publish first settles the batches a crash left between the two: it asks the
+//   source whether their transaction committed (or compares the records with the
+//   source), records what landed and sends the rest again.
+//
+// A record is handed out again only when its previous send is known not to have
+// landed. Managed tables of this database publish through a change request instead.
 import type { Task } from "graphile-worker";
-import type { RecordOutcome } from "../src/connectors/types.ts";
-import { runJob, type JobScope } from "../src/jobs/run.ts";
+import type { RecordOutcome, WriteReceipt } from "../src/connectors/types.ts";
+import { runJob, WorkerStoppingError, type JobScope } from "../src/jobs/run.ts";
 
 const BATCH_SIZE = 500;
+
+type Kind = "create" | "update" | "delete";
 
 interface PendingRecord {
   id: number;
@@ -22,30 +32,86 @@ interface StoredOutcome {
   error?: string;
 }
 
+interface UnsettledBatch {
+  id: number;
+  kind: Kind;
+  receipt: WriteReceipt;
+  planned: (StoredOutcome & { values?: Record<string, unknown> })[];
+}
+
 const toStored = (records: PendingRecord[], outcomes: RecordOutcome[]): StoredOutcome[] =>
   records.map((r, i) => {
     const o = outcomes[i] ?? { ok: false, error: "the connector returned no outcome for this record" };
     return o.ok ? { id: r.id, ok: true, remote_id: o.remoteId } : { id: r.id, ok: false, error: o.error };
   });
 
-/** Pushes one batch of a kind. Returns the outcomes to store, and how many records
- *  the conflict check held back (it stores their outcomes itself). */
-async function push(scope: JobScope, what: "create" | "update" | "delete", batch: PendingRecord[]): Promise<[StoredOutcome[], number]> {
+/**
+ * Writes records of one kind to the source; just before the source commits, the
+ * intent is recorded. Returns the outcomes and the batch that holds the intent.
+ */
+async function send(scope: JobScope, what: Kind, records: PendingRecord[]): Promise<{ outcomes: StoredOutcome[]; batchId: string | null }> {
+  if (records.length === 0) return { outcomes: [], batchId: null };
   const table = scope.job.options.remote_table!;
   const { connector, sql } = scope;
-  if (what === "create") return [toStored(batch, await connector.create(table, batch.map((r) => r.values))), 0];
-  const current = await connector.fetch(table, batch.map((r) => r.remote_id!));
-  if (what === "update") {
-    const [{ sendable }] = await sql<{ sendable: string[] }>("select snapbase_private.check_publish_conflicts($1, $2, $3) as sendable",
-      [scope.job.id, JSON.stringify(batch), JSON.stringify(Object.fromEntries(current))]);
-    const toSend = batch.filter((r) => sendable.includes(String(r.id)));
-    const outcomes = toStored(toSend, await connector.update(table, toSend.map((r) => ({ remoteId: r.remote_id!, values: r.values }))));
-    return [outcomes, batch.length - toSend.length];
+  let batchId: string | null = null;
+  const beforeCommit = async (receipt: WriteReceipt, planned: RecordOutcome[]) => {
+    const intent = toStored(records, planned).map((o, i) => ({
+      ...o,
+      // Updates and deletes name the record the source knows; creates, the id it is about to get.
+      remote_id: what === "create" ? o.remote_id : records[i]!.remote_id,
+      values: what === "update" ? records[i]!.values : undefined,
+    }));
+    [{ batch_id: batchId }] = await sql<{ batch_id: string }>("select snapbase_private.record_publish_intent($1, $2, $3, $4) as batch_id",
+      [scope.job.id, what, JSON.stringify(receipt), JSON.stringify(intent)]);
+  };
+  const outcomes =
+    what === "create" ? await connector.create(table, records.map((r) => r.values), { beforeCommit })
+    : what === "update" ? await connector.update(table, records.map((r) => ({ remoteId: r.remote_id!, values: r.values })), { beforeCommit })
+    : await connector.delete(table, records.map((r) => r.remote_id!), { beforeCommit });
+  return { outcomes: toStored(records, outcomes), batchId };
+}
+
+/** Pushes one batch of a kind and stores its outcomes. Returns false when the job was cancelled. */
+async function push(scope: JobScope, what: Kind, batch: PendingRecord[]): Promise<boolean> {
+  const table = scope.job.options.remote_table!;
+  const { connector, sql, job } = scope;
+  let toSend = batch;
+  let settled: StoredOutcome[] = [];
+  if (what !== "create") {
+    const current = await connector.fetch(table, batch.map((r) => r.remote_id!));
+    if (what === "update") {
+      // Records changed at the source since download are held back (the check stores their outcomes).
+      const [{ sendable }] = await sql<{ sendable: string[] }>("select snapbase_private.check_publish_conflicts($1, $2, $3) as sendable",
+        [job.id, JSON.stringify(batch), JSON.stringify(Object.fromEntries(current))]);
+      toSend = batch.filter((r) => sendable.includes(String(r.id)));
+    } else {
+      // Already gone at the source: that deletion is done.
+      settled = batch.filter((r) => !current.has(r.remote_id!)).map((r) => ({ id: r.id, ok: true }));
+      toSend = batch.filter((r) => current.has(r.remote_id!));
+    }
   }
-  // Already gone at the source: that deletion is done.
-  const gone: StoredOutcome[] = batch.filter((r) => !current.has(r.remote_id!)).map((r) => ({ id: r.id, ok: true }));
-  const present = batch.filter((r) => current.has(r.remote_id!));
-  return [[...gone, ...toStored(present, await connector.delete(table, present.map((r) => r.remote_id!)))], 0];
+  const { outcomes, batchId } = await send(scope, what, toSend);
+  const [{ go_on }] = await sql("select snapbase_private.record_publish_outcomes($1, $2, $3) as go_on",
+    [job.id, JSON.stringify([...settled, ...outcomes]), batchId]);
+  return go_on;
+}
+
+/** Settles the batches a crash cut off between the source's commit and our record of it. */
+async function settleInterrupted(scope: JobScope): Promise<void> {
+  const { connector, sql, job } = scope;
+  const [{ batches }] = await sql<{ batches: UnsettledBatch[] }>("select snapbase_private.unsettled_publish_batches($1) as batches", [job.id]);
+  for (const batch of batches) {
+    const status = await connector.writeStatus(batch.receipt, {
+      signal: scope.signal,
+      onWait: (message) => void sql("select snapbase_private.job_progress($1, null, null, $2)", [job.id, message]).catch(() => {}),
+    });
+    let current: Record<string, unknown> | null = null;
+    if (status === "unknown") {
+      const ids = batch.planned.filter((p) => p.ok && p.remote_id).map((p) => p.remote_id!);
+      current = Object.fromEntries(await connector.fetch(job.options.remote_table!, ids));
+    }
+    await sql("select snapbase_private.settle_publish_batch($1, $2, $3, $4)", [job.id, batch.id, status, current === null ? null : JSON.stringify(current)]);
+  }
 }
 
 const publish: Task = async (payload, helpers) => {
@@ -57,23 +123,23 @@ const publish: Task = async (payload, helpers) => {
       scope.handedOff();
       return;
     }
-    await sql("select snapbase_private.job_progress($1, 0, snapbase_private.publish_pending($1), 'publishing')", [job.id]);
-    const counts = { published: 0, failed: 0, held_back: 0 };
+    await settleInterrupted(scope);
+    // done counts the records this job settled (over all its attempts), total adds what is left.
+    await sql("select snapbase_private.job_progress($1, null, j.done + snapbase_private.publish_pending($1), 'publishing') from snapbase.jobs j where j.id = $1", [job.id]);
     for (const what of ["create", "update", "delete"] as const) {
       for (;;) {
+        if (scope.signal.aborted) throw new WorkerStoppingError();
         const [{ batch }] = await sql<{ batch: PendingRecord[] }>("select snapbase_private.next_to_publish($1, $2, $3) as batch", [job.id, what, BATCH_SIZE]);
         if (batch.length === 0) break;
-        const [outcomes, heldBack] = await push(scope, what, batch);
-        const [{ go_on }] = await sql("select snapbase_private.record_publish_outcomes($1, $2) as go_on", [job.id, JSON.stringify(outcomes)]);
-        for (const o of outcomes) counts[o.ok ? "published" : "failed"]++;
-        counts.held_back += heldBack;
-        if (!go_on) {
-          await finish("cancelled", counts);
+        if (!(await push(scope, what, batch))) {
+          await finish("cancelled");
           return;
         }
       }
     }
-    await finish("succeeded", counts);
+    // succeeded, or partial when some records failed or conflicted (counts in result).
+    await sql("select snapbase_private.finish_publish($1)", [job.id]);
+    scope.handedOff();
   });
 };
 

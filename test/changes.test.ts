@@ -82,12 +82,12 @@ describe("the seed's test script, over HTTP", () => {
 
     const approved = await http(server.url, "POST", `/api/v1/changes/${id}/approve`, { token });
     expect(approved.status).toBe(200);
-    expect(approved.body.change_request).toMatchObject({ status: "approved", rows_affected: "5" });
+    expect(approved.body.change_request).toMatchObject({ status: "approved", rows_affected: 5 });
     const snapshotId = approved.body.change_request.snapshot_id;
 
     const list = await http(server.url, "GET", "/api/v1/tables/accounts/snapshots", { token });
     expect(list.body.table).toBe("t3.accounts");
-    expect(list.body.snapshots[0]).toMatchObject({ id: snapshotId, change_request_id: id, table_name: "t3.accounts", record_count: "20" });
+    expect(list.body.snapshots[0]).toMatchObject({ id: snapshotId, change_request_id: Number(id), table_name: "t3.accounts", record_count: 20 });
     expect(Object.keys(list.body.snapshots[0]).sort()).toEqual(["change_request_id", "created_at", "id", "record_count", "table_name"]);
 
     const snap = await http(server.url, "GET", `/api/v1/snapshots/${snapshotId}`, { token });
@@ -368,9 +368,10 @@ newline', true, null, '{1.0,1.00,-0.000}', '2024-02-29 23:59:59.5', 'a0eebc99-9c
   it("restore refuses, clearly, a snapshot whose columns no longer fit the table", async () => {
     await q("create table t3.shape (id int primary key, a text); grant select, insert, update, delete on t3.shape to " + db.roles.admin + "; select snapbase.register_table('t3.shape')");
     const [snap] = await q("select * from snapbase.take_snapshot('t3.shape', 'shape')");
-    await q("alter table t3.shape add column b int");
+    // A new column that is NOT NULL without a default has no value to take on rows put back.
+    await q("alter table t3.shape add column b int not null, alter column a type varchar(10)");
     const err = await asActor(actorOf(admin), (c) => sqlState(() => c.query("select snapbase.restore_snapshot($1)", [snap.id])));
-    expect(err.message).toBe(`snapshot ${snap.id} no longer fits t3.shape: the snapshot has (nothing) that the table lacks, the table has (b integer) that the snapshot lacks`);
+    expect(err.message).toBe(`snapshot ${snap.id} no longer fits t3.shape: column a: text in the snapshot, character varying(10) now; column b is NOT NULL without a default, and the snapshot has no values for it`);
     // ... but the snapshot still reads back exactly as it was.
     expect(await snapshotRows(snap.id)).toEqual([]);
   });

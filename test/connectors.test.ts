@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, inject, test } from "vitest";
 import { mysqlConnector, type MysqlCredentials } from "../src/connectors/mysql.ts";
 import { postgresConnector } from "../src/connectors/postgres.ts";
 import { ConnectorError, type Connector, type RemoteRecord } from "../src/connectors/types.ts";
+import { ExactNumber } from "../src/exact-json.ts";
 
 /** The ConnectorError `work` rejects with (fails the test if it resolves or throws something else). */
 async function connectorError(work: Promise<unknown>): Promise<ConnectorError> {
@@ -224,12 +225,14 @@ describe("postgres connector", () => {
     await expectDownloadStops(source, "shop.items");
   });
 
-  test("numbers too wide for a double keep every digit, except inside JSON documents", async () => {
+  test("numbers too wide for a double keep every digit, inside JSON documents too", async () => {
     const [[record]] = await allBatches(source, "public.wide", 10);
     expect(record.values).toEqual({
       id: "w1", big: "9007199254740993", exact: "12345678901234567890.123456789", mood: "sad",
-      at: "2024-03-01T12:00:00.123+00:00", doc: { wide: 12345678901234567890, small: 1.5 },
+      at: "2024-03-01T12:00:00.123+00:00", doc: { wide: new ExactNumber("12345678901234567890"), small: 1.5 },
     });
+    // A document is written on exactly as it was read.
+    expect(JSON.stringify(record.values.doc)).toBe('{"wide":12345678901234567890,"small":1.5}');
     expect((await source.fetch("public.wide", ["w1"])).get("w1")).toEqual(record.values);
   });
 

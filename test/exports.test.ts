@@ -95,6 +95,33 @@ describe("CSV export", () => {
     expect((await download(`/api/v1/workbook-tables/${t}/export.csv`, null)).status).toBe(401); // signed-in users only
   });
 
+  it("follows the table's column order and leaves hidden columns out, unless asked for every column", async () => {
+    const { t } = await workbookTable();
+    await gql(`mutation($t: BigInt!) { updateTableSettings(input: { tableId: $t, columnOrder: ["price", "id"], hiddenColumns: ["doc", "tags"] }) { clientMutationId } }`, { t });
+    const file = await download(`/api/v1/workbook-tables/${t}/export.csv`);
+    expect(file.status).toBe(200);
+    const lines = file.text.split("\n");
+    // The ordered columns first, then the others in table order; hidden ones nowhere.
+    expect(lines[0]).toBe("price,id,note,at");
+    expect(lines[1]).toBe("1.50,1,plain,2024-02-29 23:59:59.123456+00");
+    expect(file.text).not.toContain("é 🐘");
+    // The filter and the settings together.
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "price > 1" }) { clientMutationId } }`, { t });
+    expect((await download(`/api/v1/workbook-tables/${t}/export.csv?filter=active`)).text.split("\n").slice(0, 2))
+      .toEqual(["price,id,note,at", "1.50,1,plain,2024-02-29 23:59:59.123456+00"]);
+
+    // Every column, in the table's own order: the file loads back with COPY as before.
+    const all = await download(`/api/v1/workbook-tables/${t}/export.csv?columns=all`);
+    expect(all.text.split("\n")[0]).toBe("id,note,price,tags,doc,at");
+    expect(await copyBack(all.text, "public.export_all")).toHaveLength(4);
+    expect((await download(`/api/v1/workbook-tables/${t}/export.csv?columns=some`)).status).toBe(400);
+
+    // The same in SQL.
+    const header = async (sql: string) => (await owner().query(`select e from ${sql} e limit 1`, [t])).rows[0].e;
+    expect(await header("snapbase.export_table_rows($1)")).toEqual(["price", "id", "note", "at"]);
+    expect(await header("snapbase.export_table_rows($1, all_columns => true)")).toEqual(["id", "note", "price", "tags", "doc", "at"]);
+  });
+
   it("writes a snapshot that COPY loads back equal to the table it was taken of", async () => {
     await owner().query(`drop table if exists public.snap_src; create table public.snap_src (${COLUMNS.map((c) => `${c.name} ${c.type}`).join(", ")}, primary key (id))`);
     await owner().query(`insert into public.snap_src select * from jsonb_populate_recordset(null::public.snap_src, $1)`, [JSON.stringify(VALUES)]);
@@ -131,9 +158,14 @@ describe("an interrupted download", () => {
 });
 
 describe("share links", () => {
+  /** Creates a link; returns its id and token. */
+  async function shareLink(t: string, extra = ""): Promise<{ linkId: string; token: string }> {
+    return (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t${extra} }) { result { linkId token } } }`, { t })).createShareLink.result;
+  }
+
   it("serve one table's CSV to anyone with the token, audit every access, and stop when revoked or expired", async () => {
     const { t } = await workbookTable();
-    const link = (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { result } }`, { t })).createShareLink.result;
+    const { linkId, token: link } = await shareLink(t);
     expect(link).toMatch(/^sbs_/);
     const shared = await download(`/api/v1/share/${link}`, null);
     expect(shared.status).toBe(200);
@@ -142,20 +174,22 @@ describe("share links", () => {
     const again = await download(`/api/v1/share/${link}`, null);
     expect(again.status, again.text).toBe(200);
     const { rows: [info] } = await owner().query("select id, use_count from snapbase.share_links where table_id = $1", [t]);
+    expect(String(info.id)).toBe(String(linkId));
     expect(info.use_count).toBe("2");
     expect((await owner().query("select count(*)::int as n from snapbase.audit_log where action = 'share_link_access' and subject_id = $1", [String(info.id)])).rows[0].n).toBe(2);
 
     expect((await download(`/api/v1/share/sbs_${"x".repeat(43)}`, null)).status).toBe(404);
     expect((await download(`/api/v1/share/${t}`, null)).status).toBe(404); // not the table or workbook id
 
-    await gql(`mutation($id: BigInt!) { revokeShareLink(input: { linkId: $id }) { clientMutationId } }`, { id: info.id });
+    await gql(`mutation($id: BigInt!) { revokeShareLink(input: { linkId: $id }) { clientMutationId } }`, { id: linkId });
     expect((await download(`/api/v1/share/${link}`, null)).status).toBe(404);
 
-    const later = (await gql(`mutation($t: BigInt!, $at: Datetime!) { createShareLink(input: { tableId: $t, expiresAt: $at }) { result } }`,
+    const later = (await gql(`mutation($t: BigInt!, $at: Datetime!) { createShareLink(input: { tableId: $t, expiresAt: $at }) { result { token expiresAt } } }`,
       { t, at: new Date(Date.now() + 3_600_000).toISOString() })).createShareLink.result;
-    expect((await download(`/api/v1/share/${later}`, null)).status).toBe(200);
+    expect(later.expiresAt).not.toBeNull();
+    expect((await download(`/api/v1/share/${later.token}`, null)).status).toBe(200);
     await owner().query("update snapbase.share_links set expires_at = now() - interval '1 second' where table_id = $1 and revoked_at is null", [t]);
-    const expired = await download(`/api/v1/share/${later}`, null);
+    const expired = await download(`/api/v1/share/${later.token}`, null);
     expect(expired.status).toBe(404);
     expect(expired.text).toMatch(/expired or been revoked/);
   });
@@ -163,10 +197,56 @@ describe("share links", () => {
   it("a filtered link serves only the filter's records; only the owner may create links", async () => {
     const { t } = await workbookTable();
     await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "id <= 2" }) { clientMutationId } }`, { t });
-    const link = (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t, useFilter: true }) { result } }`, { t })).createShareLink.result;
+    const { token: link } = await shareLink(t, ", useFilter: true");
     expect(await copyBack((await download(`/api/v1/share/${link}`, null)).text, "public.share_filtered")).toHaveLength(2);
     const bobToken = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: bob.email, password: TEST_PASSWORD } })).body.token;
-    const refused = await graphql(server.url, `mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { result } }`, { t }, bobToken);
+    const refused = await graphql(server.url, `mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { result { token } } }`, { t }, bobToken);
     expect(refused.body.errors?.[0]?.extensions?.code).toBe("P0002");
+  });
+
+  it("keep the filter they were made with: changing or clearing the table's filter later never widens them", async () => {
+    const { t } = await workbookTable();
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "id <= 2" }) { clientMutationId } }`, { t });
+    const made = (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t, useFilter: true }) { result { linkId token filter } } }`, { t })).createShareLink.result;
+    expect(made.filter).toBe("id <= 2");
+    // The first field of each record (a note holds a newline, inside quotes: that line is not a record's start).
+    const ids = async () => (await download(`/api/v1/share/${made.token}`, null)).text.split("\n").filter((line) => /^\d+,/.test(line)).map((line) => line.split(",")[0]);
+    expect(await ids()).toEqual(["1", "2"]);
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: null }) { clientMutationId } }`, { t });
+    expect(await ids()).toEqual(["1", "2"]);
+    await gql(`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "id >= 2" }) { clientMutationId } }`, { t });
+    expect(await ids()).toEqual(["1", "2"]);
+    const listed = (await gql(`{ allShareLinks(condition: { tableId: "${t}" }) { nodes { rowId useFilter filter columns } } }`)).allShareLinks.nodes;
+    expect(listed).toEqual([{ rowId: String(made.linkId), useFilter: true, filter: "id <= 2", columns: ["id", "note", "price", "tags", "doc", "at"] }]);
+    // A column the frozen filter reads that changes type: the link stops rather than guess.
+    const rel = (await owner().query("select snapbase_private.table_rel(t) as rel from snapbase.workbook_tables t where id = $1", [t])).rows[0].rel;
+    await owner().query(`alter table ${rel} alter column id type bigint`);
+    expect((await download(`/api/v1/share/${made.token}`, null)).status).toBe(409);
+    await owner().query(`alter table ${rel} alter column id type integer`);
+    expect(await ids()).toEqual(["1", "2"]);
+  });
+
+  it("never include hidden or scratch columns, whether hidden before the link was made or after", async () => {
+    const { t } = await workbookTable();
+    await gql(`mutation($t: BigInt!) { addScratchColumn(input: { tableId: $t, name: "private_notes" }) { clientMutationId } }`, { t });
+    await gql(`mutation($t: BigInt!) { updateTableSettings(input: { tableId: $t, hiddenColumns: ["price"] }) { clientMutationId } }`, { t });
+    const made = (await gql(`mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { result { token columns } } }`, { t })).createShareLink.result;
+    expect(made.columns).toEqual(["id", "note", "tags", "doc", "at"]);
+    const header = async () => (await download(`/api/v1/share/${made.token}`, null)).text.split("\n")[0];
+    expect(await header()).toBe("id,note,tags,doc,at");
+    // Hidden later: gone from the link too; shown again later: the link does not widen.
+    await gql(`mutation($t: BigInt!) { updateTableSettings(input: { tableId: $t, hiddenColumns: ["doc"] }) { clientMutationId } }`, { t });
+    expect(await header()).toBe("id,note,tags,at");
+    await gql(`mutation($t: BigInt!) { updateTableSettings(input: { tableId: $t, hiddenColumns: [] }) { clientMutationId } }`, { t });
+    expect(await header()).toBe("id,note,tags,doc,at");
+  });
+
+  it("return each link's id with its token, so the owner revokes the right one", async () => {
+    const { t } = await workbookTable();
+    const [first, second] = [await shareLink(t), await shareLink(t)];
+    expect(first.linkId).not.toBe(second.linkId);
+    await gql(`mutation($id: BigInt!) { revokeShareLink(input: { linkId: $id }) { clientMutationId } }`, { id: second.linkId });
+    expect((await download(`/api/v1/share/${first.token}`, null)).status).toBe(200);
+    expect((await download(`/api/v1/share/${second.token}`, null)).status).toBe(404);
   });
 });

@@ -6,6 +6,7 @@ import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
 import { signClaims } from "../src/auth/tokens.ts";
+import { createPool } from "../src/db/pools.ts";
 import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
@@ -17,9 +18,11 @@ afterAll(async () => {
 });
 
 // Test files run in parallel on a server other runs share: each keeps few connections
-// (these pools, a test server's pool, a worker's).
+// (these pools, a test server's pools, a worker's). Through the same factory as the
+// server's pools: a backend a fault test terminates is logged, never an unhandled
+// 'error' event in the test process.
 function pool(url: string): pg.Pool {
-  const p = new pg.Pool({ connectionString: url, max: 4 });
+  const p = createPool({ name: "test", connectionString: url, max: 4, quiet: true });
   pools.push(p);
   return p;
 }
@@ -98,11 +101,12 @@ export async function tokenFor(u: TestUser): Promise<string> {
   return signClaims(rows[0].claims, db.jwtSecret);
 }
 
-/** The request pool of a test server (a real server's is 20). */
+/** The request pools of a test server (a real server's are 20 and 10). */
 export const TEST_SERVER_POOL_SIZE = 6;
+export const TEST_SERVER_REST_POOL_SIZE = 3;
 
 export async function startTestServer(
-  opts: { statementTimeoutMs?: number } & Partial<Pick<ServerOptions, "http">> = {},
+  opts: { statementTimeoutMs?: number; authenticatorPoolSize?: number } & Partial<Pick<ServerOptions, "http">> = {},
 ): Promise<RunningServer> {
   return startServer({
     ownerUrl: db.ownerUrl,
@@ -114,7 +118,8 @@ export async function startTestServer(
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
     // Requests queue for these; more concurrent requests than connections still spread over all of them.
-    poolSize: TEST_SERVER_POOL_SIZE,
+    authenticatorPoolSize: opts.authenticatorPoolSize ?? TEST_SERVER_POOL_SIZE,
+    restPoolSize: TEST_SERVER_REST_POOL_SIZE,
     http: opts.http,
   });
 }

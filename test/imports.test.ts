@@ -31,6 +31,13 @@ const records = async (t: string) => (await gql(`query($t: BigInt!) { workbookRe
 const importCsv = async (importId: string, args: Record<string, unknown>) =>
   (await gql(`mutation($i: BigInt!, $m: JSON, $mode: String, $k: String, $s: Boolean) { importCsv(input: { importId: $i, mapping: $m, mode: $mode, keyColumn: $k, skipBadRows: $s }) { result } }`,
     { i: importId, m: args.mapping ?? null, mode: args.mode ?? "records", k: args.key ?? null, s: args.skip ?? false })).importCsv.result;
+/** import_csv with the options given (others left to their defaults). */
+const importWith = async (importId: string, options: Record<string, unknown>) =>
+  (await gql(`mutation($input: ImportCsvInput!) { importCsv(input: $input) { result } }`, { input: { importId, ...options } })).importCsv.result;
+const previewWith = async (importId: string, options: Record<string, unknown>) =>
+  (await gql(`query($i: BigInt!, $mode: String, $k: String, $u: Boolean, $e: String) {
+     csvImportPreview(importId: $i, mode: $mode, keyColumn: $k, skipUnchanged: $u, emptyCells: $e) }`,
+    { i: importId, mode: options.mode ?? null, k: options.keyColumn ?? null, u: options.skipUnchanged ?? null, e: options.emptyCells ?? null })).csvImportPreview;
 
 beforeAll(async () => {
   server = await startTestServer();
@@ -81,7 +88,8 @@ describe("CSV import", () => {
       { t, ops: ["A", "B", "C"].map((sku, i) => ({ op: "create", values: { sku, qty: i, price: 1 } })) });
     // Line 5 does not fit (qty), line 4 matches nothing: both are reported, the rest imported.
     const up = await upload(t, "sku,qty,price\nA,10,9.99\nC,30,\nZ,1,1\nB,lots,2\n");
-    const result = await importCsv(up.body.import.id, { mode: "suggestions", key: "sku", skip: true });
+    // Empty cells suggest NULL only when asked to (empty_cells => 'null').
+    const result = await importWith(up.body.import.id, { mode: "suggestions", keyColumn: "sku", skipBadRows: true, emptyCells: "null" });
     expect(result).toMatchObject({
       ok: true, processed: 4, suggested: 2, skipped: 2,
       errors: [{ line: 4, error: "no record with sku = Z" }, { line: 5, error: expect.stringMatching(/column qty: invalid input syntax for type integer/) }],
@@ -91,6 +99,97 @@ describe("CSV import", () => {
     expect(a.suggested).toMatchObject({ qty: { value: 10, by: alice.email }, price: { value: 9.99 } });
     expect(b.suggested).toEqual({});
     expect(c.suggested).toMatchObject({ qty: { value: 30 }, price: { value: null } });
+  });
+
+  it("suggests neither values equal to the current ones nor empty cells, unless told to; the preview says so first", async () => {
+    const t = await table();
+    await gql(`mutation($t: BigInt!, $ops: JSON!) { bulkEditRecords(input: { tableId: $t, operations: $ops }) { result } }`,
+      { t, ops: [{ op: "create", values: { sku: "A", qty: 1, price: 1 } }, { op: "create", values: { sku: "B", qty: 2, price: 2 } },
+                 { op: "create", values: { sku: "C", qty: null, price: 3 } }] });
+    // A: qty as it is (1.0 is 1), price new. B: qty empty, price as it is. C: qty empty (and null already), price as it is.
+    const csv = "sku,qty,price\nA,1,1.25\nB,,2.00\nC,,3\n";
+    const first = (await upload(t, csv)).body.import.id;
+
+    const defaults = await previewWith(first, { mode: "suggestions", keyColumn: "sku" });
+    expect(defaults.options).toEqual({ mode: "suggestions", key_column: "sku", skip_unchanged: true, empty_cells: "skip" });
+    const expected = { suggested: 1, suggested_cells: 1, unchanged_cells: 3, empty_cells_skipped: 2, unmatched: 0, bad_rows: 0 };
+    expect(defaults.outcome).toEqual(expected);
+    expect(await importWith(first, { mode: "suggestions", keyColumn: "sku" })).toMatchObject({ ok: true, processed: 3, ...expected, suggested: 1 });
+    const [a, b, c] = await records(t);
+    expect(a.suggested).toEqual({ price: { value: 1.25, by: alice.email, at: expect.any(String) } });
+    expect(b.suggested).toEqual({});
+    expect(c.suggested).toEqual({});
+
+    // Everything as the file has it: equal values are suggested, empty cells suggest NULL.
+    const second = (await upload(t, csv)).body.import.id;
+    const all = { mode: "suggestions", keyColumn: "sku", skipUnchanged: false, emptyCells: "null" };
+    const everything = { suggested: 3, suggested_cells: 6, unchanged_cells: 0, empty_cells_skipped: 0, unmatched: 0, bad_rows: 0 };
+    expect((await previewWith(second, all)).outcome).toEqual(everything);
+    expect(await importWith(second, all)).toMatchObject({ ok: true, ...everything });
+    const [a2, b2, c2] = await records(t);
+    expect(a2.suggested).toMatchObject({ qty: { value: 1 }, price: { value: 1.25 } });
+    expect(b2.suggested).toMatchObject({ qty: { value: null }, price: { value: 2 } });
+    expect(c2.suggested).toMatchObject({ qty: { value: null }, price: { value: 3 } });
+
+    // NULL over a NULL is no change either: with skip_unchanged, C's empty qty suggests nothing.
+    const third = (await upload(t, "sku,qty\nB,\nC,\n")).body.import.id;
+    expect((await previewWith(third, { mode: "suggestions", keyColumn: "sku", emptyCells: "null" })).outcome)
+      .toEqual({ suggested: 1, suggested_cells: 1, unchanged_cells: 1, empty_cells_skipped: 0, unmatched: 0, bad_rows: 0 });
+
+    // Records mode: the preview counts what would be created; bad options are refused by name.
+    expect((await previewWith(third, {})).outcome).toEqual({ created: 2, bad_rows: 0 });
+    await expect(importWith(third, { mode: "suggestions", keyColumn: "sku", emptyCells: "zero" })).rejects.toThrow(/empty_cells must be skip or null/);
+    await expect(previewWith(third, { mode: "suggestions", keyColumn: "sku", emptyCells: "zero" })).rejects.toThrow(/empty_cells must be skip or null/);
+  });
+
+  it("refuses hostile or wrong options by name, in the preview and the import, and imports nothing", async () => {
+    const t = await table();
+    await gql(`mutation($t: BigInt!, $ops: JSON!) { bulkEditRecords(input: { tableId: $t, operations: $ops }) { result } }`,
+      { t, ops: [{ op: "create", values: { sku: "A", qty: 1, price: 1 } }] });
+    const importId = (await upload(t, "sku,qty\nA,5\n")).body.import.id;
+    const attempts: [Record<string, unknown>, RegExp][] = [
+      [{ mode: "suggestions", keyColumn: 'sku"; drop table snapbase.users; --' }, /key_column must be a table column the mapping fills/],
+      [{ mode: "suggestions", keyColumn: "sku) or (true" }, /key_column must be a table column the mapping fills/],
+      [{ mode: "suggestions", keyColumn: "__id" }, /key_column must be a table column the mapping fills/],
+      [{ mode: "suggestions", keyColumn: "xmin" }, /key_column must be a table column the mapping fills/],
+      [{ mode: "suggestions", keyColumn: "price" }, /key_column must be a table column the mapping fills \(got price\)/], // not in the file
+      [{ mode: "suggestions", keyColumn: "SKU" }, /key_column must be a table column the mapping fills/], // names are exact
+      [{ mode: "suggestions" }, /key_column must be a table column the mapping fills \(got null\)/],
+      [{ mode: "suggestions", keyColumn: "sku", emptyCells: "null'); select pg_sleep(1); --" }, /empty_cells must be skip or null/],
+      [{ mode: "suggestions", keyColumn: "sku", emptyCells: "NULL" }, /empty_cells must be skip or null \(got NULL\)/],
+      [{ mode: "suggestions", keyColumn: "sku", emptyCells: "" }, /empty_cells must be skip or null/],
+      [{ mode: "records; drop table snapbase.users" }, /mode must be records or suggestions/],
+    ];
+    for (const [options, expected] of attempts) {
+      for (const [label, run] of [["preview", () => previewWith(importId, options)], ["import", () => importWith(importId, options)]] as const) {
+        const error = await run().then(() => null, (e: Error) => e.message);
+        expect(error, `${label} ${JSON.stringify(options)}`).toMatch(expected);
+      }
+      const res = await graphql(server.url, `mutation($input: ImportCsvInput!) { importCsv(input: $input) { result } }`, { input: { importId, ...options } }, token);
+      expect(res.body.errors?.[0]?.extensions?.code).toBe("22023");
+    }
+    // Nothing happened: the import is still staged, the record has no suggestion.
+    expect((await owner().query("select state from snapbase.csv_imports where id = $1", [importId])).rows[0].state).toBe("staged");
+    expect((await records(t))[0]).toMatchObject({ values: { sku: "A", qty: 1 }, suggested: {} });
+    // Rows staged through GraphQL are checked for their shape.
+    for (const rows of [{}, [{ line: "2; drop", cells: ["a"] }], [{ line: 2, cells: [1] }], [{ line: 2, cells: "a,b" }], [["a", "b"]]]) {
+      const res = await graphql(server.url, `mutation($i: BigInt!, $r: JSON!) { stageCsvRows(input: { importId: $i, rows: $r }) { clientMutationId } }`, { i: importId, r: rows }, token);
+      expect(res.body.errors?.[0], JSON.stringify(rows)).toMatchObject({ message: expect.stringMatching(/rows must be/), extensions: { code: "22023" } });
+    }
+    expect((await owner().query("select row_count::int as n from snapbase.csv_imports where id = $1", [importId])).rows[0].n).toBe(1);
+  });
+
+  it("says nothing about the outcome when it cannot tell cheaply: nothing mapped, or more than 50 failing cells", async () => {
+    const t = await table();
+    const unmapped = (await upload(t, "a,b\n1,2\n")).body;
+    expect(unmapped.preview).toMatchObject({ mapping: {}, problems: [], outcome: null });
+    const bad = (await upload(t, `sku,qty\n${Array.from({ length: 60 }, (_, i) => `s${i},x${i}\n`).join("")}`)).body;
+    expect(bad.preview.problems).toHaveLength(50);
+    expect(bad.preview.outcome).toBeNull();
+    const few = (await upload(t, `sku,qty\n${Array.from({ length: 60 }, (_, i) => `s${i},${i % 20 ? i : "x"}\n`).join("")}`)).body;
+    expect(few.preview.problems.map((p: { line: number }) => p.line)).toEqual([2, 22, 42]);
+    expect(few.preview.outcome).toEqual({ created: 57, bad_rows: 3 });
+    expect(await importWith(few.import.id, { skipBadRows: true })).toMatchObject({ ok: true, created: 57, bad_rows: 3, skipped: 3 });
   });
 
   it("stages rows through GraphQL alone, for clients that hold rows rather than a file", async () => {

@@ -193,7 +193,8 @@ describe("postgres: download, edit, suggest, publish", () => {
     await update(tableId, r5, { name: "Local name" });
     await source.query("update public.customers set name = 'Changed at the source' where id = 5");
     const held = await publish(wb);
-    expect(held).toMatchObject({ state: "succeeded", result: { published: 0, held_back: 1 } });
+    expect(held).toMatchObject({ state: "partial", result: { published: 0, conflicts: 1, failed: 0, held_back: 1 }, done: "1", total: "1",
+      error: expect.stringMatching(/1 of 1 records were not published .*1 in conflict/) });
     expect((await record(tableId, r5)).state.publish).toMatchObject({
       state: "conflict", error: "changed at the source since download: name", source_values: { name: "Changed at the source" } });
     expect((await source.query("select name from public.customers where id = 5")).rows[0].name).toBe("Changed at the source");
@@ -209,14 +210,14 @@ describe("postgres: download, edit, suggest, publish", () => {
     for (const [i, id] of ids.entries()) await update(tableId, id, { amount: i === 2 ? -5 : 100 + i });
     await source.query("truncate public.pushes");
     const first = await publish(wb);
-    expect(first).toMatchObject({ state: "succeeded", result: { published: 4, failed: 1 } });
+    expect(first).toMatchObject({ state: "partial", result: { published: 4, failed: 1, conflicts: 0 }, done: "5", total: "5" });
     const bad = await record(tableId, ids[2]);
     expect(bad.state).toMatchObject({ dirty: true, publish: { state: "failed", error: expect.stringMatching(/check constraint/) } });
     expect(bad.values.amount).toBe(-5);
 
     await update(tableId, ids[2], { amount: 7 });
     const second = await publish(wb);
-    expect(second.result).toMatchObject({ published: 1, failed: 0 });
+    expect(second).toMatchObject({ state: "succeeded", result: { published: 1, failed: 0 }, done: "1", total: "1" });
     expect((await source.query("select id, count(*)::int as n from public.pushes group by id order by id")).rows)
       .toEqual([10, 11, 12, 13, 14].map((id) => ({ id, n: 1 })));
     expect((await source.query("select amount::text from public.customers where id = 12")).rows[0].amount).toBe("7.00");
@@ -255,7 +256,7 @@ describe("postgres: download, edit, suggest, publish", () => {
     await update(tableId, r30, { city: "Tallinn" });
     await source.query("delete from public.customers where id = 30");
     const job = await publish(wb);
-    expect(job).toMatchObject({ state: "succeeded", result: { published: 0, held_back: 1 } });
+    expect(job).toMatchObject({ state: "partial", result: { published: 0, failed: 1, held_back: 1 } });
     const rec = await record(tableId, r30);
     expect(rec).toMatchObject({ values: { city: "Tallinn" }, state: { source_deleted: true, dirty: true,
       publish: { state: "failed", error: "record 30 no longer exists at the source" } } });

@@ -25,6 +25,8 @@ const gql = async (query: string, variables: Record<string, unknown> = {}, token
 /** Collects what a source delivers and waits for what a test expects. */
 class Inbox<T> {
   readonly items: T[] = [];
+  /** The source ended (a GraphQL subscription completed): nothing more can arrive. */
+  ended = false;
   private waiters: (() => void)[] = [];
   push(item: T): void {
     this.items.push(item);
@@ -51,9 +53,15 @@ function subscribe(token: string, topic: string, at = server): Inbox<Event | nul
   });
   const inbox = new Inbox<Event | null>();
   const stop = client.subscribe<{ events: Event | null }>({ query: "subscription($t: String!) { events(topic: $t) }", variables: { t: topic } }, {
-    next: (msg) => inbox.push(msg.data?.events ?? null),
+    next: (msg) => {
+      if (msg.errors?.length) inbox.push({ id: -1, kind: "error", error: msg.errors[0]!.message, code: msg.errors[0]!.extensions?.code });
+      else inbox.push(msg.data?.events ?? null);
+    },
     error: (e) => inbox.push({ id: -1, kind: "error", error: String((e as Error)?.message ?? JSON.stringify(e)) }),
-    complete: () => {},
+    complete: () => {
+      inbox.ended = true;
+      inbox.push(null);
+    },
   });
   closers.push(() => stop(), () => client.dispose());
   return inbox;
@@ -61,17 +69,22 @@ function subscribe(token: string, topic: string, at = server): Inbox<Event | nul
 
 /**
  * Resolves once a subscription is live. NOTIFY is not buffered, so a fixed pause
- * is a guess; instead, probe the topic's channel until a probe comes back. A probe
- * names no event, so every subscriber receives it as null (tests skip nulls).
+ * is a guess; instead, emit probe events on the topic (as a DBA would) until one
+ * comes back. A probe is an ordinary event of the topic, which every subscriber who
+ * may see the topic receives (tests skip probes); `payload` makes a "changes" probe
+ * name a managed table the subscriber may read.
  */
-async function live(inbox: Inbox<Event | null>, topic: string): Promise<void> {
+async function live(inbox: Inbox<Event | null>, topic: string, payload: Record<string, unknown> = {}): Promise<void> {
   const deadline = Date.now() + 10_000;
-  while (inbox.items.length === 0) {
-    if (Date.now() > deadline) throw new Error(`subscription to ${topic} never came up`);
-    await owner().query("select pg_notify($1, '{\"id\": 0}')", [`snapbase_events:${topic}`]);
-    await inbox.until((items) => items.length > 0, 200).catch(() => {});
+  while (!inbox.items.some((e) => e?.kind === "probe")) {
+    if (Date.now() > deadline) throw new Error(`subscription to ${topic} never came up: ${JSON.stringify(inbox.items)}`);
+    await owner().query("select snapbase_private.emit($1, 'probe', $2)", [topic, payload]);
+    await inbox.until((items) => items.some((e) => e?.kind === "probe"), 200).catch(() => {});
   }
 }
+
+/** What a subscriber received, probes left out. */
+const received = (items: (Event | null)[]) => items.filter((e): e is Event => e !== null && e.kind !== "probe");
 
 function listenSse(url: string, lastEventId?: number): Inbox<Event> {
   const inbox = new Inbox<Event>();
@@ -147,11 +160,12 @@ describe("GraphQL subscriptions (graphql-ws)", () => {
 
   it("deliver change request and snapshot events to those who may read the table", async () => {
     const inbox = subscribe(tokens.admin, "changes");
-    await live(inbox, "changes");
+    const notes = (await owner().query("select id from snapbase.managed_tables where qualified_name = 't6.notes'")).rows[0].id;
+    await live(inbox, "changes", { managed_table_id: notes });
     const submitted = await http(server.url, "POST", "/api/v1/changes", { token: tokens.alice, body: { table_name: "t6.notes", sql: "update t6.notes set body = 'uno' where id = 1", reason: "live" } });
     const id = submitted.body.change_request.id;
     await http(server.url, "POST", `/api/v1/changes/${id}/approve`, { token: tokens.admin });
-    const events = (await inbox.until((items) => items.some((e) => e?.kind === "change_approved"))).filter((e) => e !== null);
+    const events = received(await inbox.until((items) => items.some((e) => e?.kind === "change_approved")));
     // The snapshot is taken inside the approval, before the request is marked approved.
     expect(events.map((e) => e?.kind), JSON.stringify(events)).toEqual(["change_submitted", "snapshot_created", "change_approved"]);
     expect(events[2]).toMatchObject({ change_request_id: Number(id), table_name: "t6.notes", rows_affected: 1, by: admin.email });
@@ -165,20 +179,43 @@ describe("GraphQL subscriptions (graphql-ws)", () => {
     // No worker runs here: the job is queued, then cancelled.
     const job = (await gql(`mutation($a: BigInt!) { testConnectorAccount(input: { accountId: $a }) { result { rowId } } }`, { a: account })).testConnectorAccount.result.rowId;
     await gql(`mutation($j: BigInt!) { cancelJob(input: { jobId: $j }) { clientMutationId } }`, { j: job });
-    const events = (await inbox.until((items) => items.some((e) => e?.state === "cancelled"))).filter((e) => e !== null);
+    const events = received(await inbox.until((items) => items.some((e) => e?.state === "cancelled")));
     expect(events.map((e) => [e.kind, e.job_kind, e.state])).toEqual([["job", "test_connection", "queued"], ["job", "test_connection", "cancelled"]]);
   });
 
-  it("a subscriber without access to the workbook receives nothing of it", async () => {
+  it("a subscriber without access to the workbook is refused once, as for a missing workbook, and receives nothing after", async () => {
     const { wb, t } = await workbookWithRecords(1);
     const peek = subscribe(tokens.bob, `workbook:${wb}`);
+    const missing = subscribe(tokens.bob, "workbook:9123456789012345");
     const own = subscribe(tokens.alice, `workbook:${wb}`);
-    await live(peek, `workbook:${wb}`);
     await live(own, `workbook:${wb}`);
     await gql(`mutation($t: BigInt!) { updateRecord(input: { tableId: $t, recordId: "1", values: { qty: 9 } }) { clientMutationId } }`, { t });
     await own.until((items) => items.some((e) => e?.action === "edited"));
-    await new Promise((r) => setTimeout(r, 300));
-    expect(peek.items.every((e) => e === null || e.kind === "error")).toBe(true);
+    // The subscription ended with its one answer: no later event can reach it.
+    await peek.until(() => peek.ended);
+    await missing.until(() => missing.ended);
+    expect(peek.items).toEqual([{ id: -1, kind: "error", error: `no workbook ${wb}`, code: "P0002" }, null]);
+    expect(missing.items).toEqual([{ id: -1, kind: "error", error: "no workbook 9123456789012345", code: "P0002" }, null]);
+  });
+
+  it("send a subscriber only the events it may see, never a null in place of one", async () => {
+    const { wb, t } = await workbookWithRecords(1);
+    const hidden = (await gql(`mutation($w: BigInt!) { addWorkbookTable(input: { workbookId: $w, name: "Private", columns: [{ name: "x", type: "text" }] }) { result { rowId } } }`, { w: wb }))
+      .addWorkbookTable.result.rowId;
+    await gql(`mutation($t: BigInt!) { setWorkbookTableHidden(input: { tableId: $t, hidden: true }) { clientMutationId } }`, { t: hidden });
+    const agent = (await gql(`mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "watcher" }) { result } }`, { w: wb })).createAgentToken.result;
+    const inbox = subscribe(agent, `workbook:${wb}`);
+    await live(inbox, `workbook:${wb}`);
+    await gql(`mutation($t: BigInt!) { createRecord(input: { tableId: $t, values: { x: "private" } }) { clientMutationId } }`, { t: hidden });
+    await gql(`mutation($t: BigInt!) { updateRecord(input: { tableId: $t, recordId: "1", values: { qty: 3 } }) { clientMutationId } }`, { t });
+    // Removing tables: the agent hears of the one it could see, not of the hidden one.
+    await gql(`mutation($t: BigInt!) { removeWorkbookTable(input: { tableId: $t }) { clientMutationId } }`, { t: hidden });
+    await gql(`mutation($t: BigInt!) { removeWorkbookTable(input: { tableId: $t }) { clientMutationId } }`, { t });
+    await inbox.until((items) => items.some((e) => e?.kind === "table_removed"));
+    // Events arrive in order, so the hidden table's events (before the others) were left out, not delayed.
+    expect(inbox.items.every((e) => e !== null)).toBe(true);
+    expect(received(inbox.items).map((e) => [e.kind, e.action ?? null, e.table_id, e.hidden])).toEqual([
+      ["records", "edited", Number(t), undefined], ["table_removed", null, Number(t), undefined]]);
   });
 });
 
@@ -255,5 +292,6 @@ describe("server-sent events", () => {
     await gql(`mutation($t: BigInt!) { updateRecord(input: { tableId: $t, recordId: "1", values: { qty: 200 } }) { clientMutationId } }`, { t }, tokens.alice, other);
     for (const inbox of [onA, onB]) await inbox.until((items) => items.filter((e) => e.action === "edited").length === 2);
     await gqlB.until((items) => items.filter((e) => e?.action === "edited").length === 2);
+    expect(gqlB.items.every((e) => e !== null)).toBe(true);
   });
 });

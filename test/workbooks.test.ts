@@ -490,8 +490,9 @@ describe("agents and isolation, over GraphQL", () => {
     const missing = await graphql(server.url, `query { workbookRecords(tableId: "99999999") }`, {}, b);
     expect(missing.body.errors?.[0]?.message).toBe(`no workbook table 99999999`);
 
-    // Shared as viewer (B joins A's organization first): read yes, write no.
-    await graphql(server.url, `mutation($o: BigInt!, $e: String!) { addOrganizationMember(input: { organizationId: $o, email: $e }) { clientMutationId } }`, { o: wbA.organizationId, e: bob.email }, a);
+    // Shared as viewer (B accepts an invitation to A's organization first): read yes, write no.
+    const invited = await graphql(server.url, `mutation($o: BigInt!, $e: String!) { inviteOrganizationMember(input: { organizationId: $o, email: $e }) { result { rowId } } }`, { o: wbA.organizationId, e: bob.email }, a);
+    await graphql(server.url, `mutation($i: BigInt!) { acceptOrganizationInvitation(input: { invitationId: $i }) { clientMutationId } }`, { i: invited.body.data.inviteOrganizationMember.result.rowId }, b);
     const shared = await graphql(server.url, `mutation($w: BigInt!, $e: String!) { shareWorkbook(input: { workbookId: $w, email: $e, access: viewer }) { result { access } } }`, { w: wbA.rowId, e: bob.email }, a);
     expect(shared.body.errors).toBeUndefined();
     expect(shared.body.data.shareWorkbook.result.access).toBe("viewer");

@@ -1,5 +1,6 @@
 // Connector for a CSV file uploaded to this database (snapbase.csv_files). The file
-// is one table, named like the file. Its spec comes from the header and the values;
+// is one table, named like the file. Its spec comes from the header and the values
+// (every row, by the type rules imports use: snapbase_private.csv_type_rules);
 // a record is identified by a column named `id` when its values are unique and
 // non-empty, else by its row number. Writes never change a version: each write
 // call stores the rewritten file as the next version (one version per call, so a
@@ -13,6 +14,7 @@ import { Readable } from "node:stream";
 import { CsvError, parse } from "csv-parse";
 import { stringify } from "csv-stringify/sync";
 import pg from "pg";
+import { createPool } from "../db/pools.ts";
 import {
   ConnectorError,
   type ColumnSpec,
@@ -21,8 +23,10 @@ import {
   type RecordOutcome,
   type RemoteRecord,
   type TableSpec,
+  type WriteOptions,
 } from "./types.ts";
-import { NETWORK_ERROR_CODES, isPlainError, messageOf, missingRecord } from "./values.ts";
+import { CsvTypeRules, type CsvColumnKinds } from "./csv-inference.ts";
+import { NETWORK_ERROR_CODES, isPlainError, messageOf, missingRecord, postgresWriteStatus } from "./values.ts";
 
 export interface CsvCredentials {
   fileId: string;
@@ -152,80 +156,14 @@ export function csvProblem(error: CsvError, nextRecordLine: () => number, header
 }
 
 // --- Inspection: header, types, identity ----------------------------------------
-
-// Values that decide a type. Numbers with leading zeros ("007", zip codes) and
-// signs other than "-" stay text: a number column would lose how they are written.
-const INTEGER = /^-?(0|[1-9][0-9]*)$/;
-const DECIMAL = /^-?(0|[1-9][0-9]*)\.[0-9]+$/;
-const BOOLEAN = /^(true|false)$/i;
-const DATE = /^([0-9]{4})-([0-9]{2})-([0-9]{2})$/;
-// ISO 8601 date and time, with an optional zone (without one, PostgreSQL reads it in its time zone).
-const TIMESTAMP = /^([0-9]{4})-([0-9]{2})-([0-9]{2})[T ]([0-9]{2}):([0-9]{2})(?::([0-9]{2})(?:\.[0-9]{1,6})?)?(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?$/i;
-const INT32 = [-(2n ** 31n), 2n ** 31n - 1n] as const;
-const INT64 = [-(2n ** 63n), 2n ** 63n - 1n] as const;
-
-function isDate(y: string, m: string, d: string): boolean {
-  const date = new Date(Date.UTC(Number(y), Number(m) - 1, Number(d)));
-  return date.getUTCFullYear() === Number(y) && date.getUTCMonth() === Number(m) - 1 && date.getUTCDate() === Number(d);
-}
-
-/** The narrowest type all of a column's non-empty values fit, learnt one value at a time. */
-class TypeTally {
-  boolean = true;
-  integer = true;
-  bigint = true;
-  numeric = true;
-  date = true;
-  timestamptz = true;
-
-  add(value: string): void {
-    if (value === "") return; // a null: it does not decide the type
-    if (this.boolean && !BOOLEAN.test(value)) this.boolean = false;
-    if (this.numeric) {
-      if (INTEGER.test(value)) {
-        // Up to 9 digits always fit an integer: skip the BigInt (this runs for every cell).
-        if (value.length > 9 && (this.integer || this.bigint)) {
-          const n = BigInt(value);
-          if (this.integer && (n < INT32[0] || n > INT32[1])) this.integer = false;
-          if (this.bigint && (n < INT64[0] || n > INT64[1])) this.bigint = false;
-        }
-      } else {
-        this.integer = this.bigint = false;
-        if (!DECIMAL.test(value)) this.numeric = false;
-      }
-    }
-    // Dates and times all start with "yyyy-".
-    if (this.timestamptz && value.charCodeAt(4) !== 45) this.date = this.timestamptz = false;
-    if (this.timestamptz) {
-      const d = DATE.exec(value);
-      if (d) {
-        if (!isDate(d[1]!, d[2]!, d[3]!)) this.date = this.timestamptz = false;
-      } else {
-        this.date = false;
-        const t = TIMESTAMP.exec(value);
-        if (!t || !isDate(t[1]!, t[2]!, t[3]!) || Number(t[4]) > 23 || Number(t[5]) > 59 || Number(t[6] ?? 0) > 59) this.timestamptz = false;
-      }
-    }
-  }
-
-  /** A column without any value is text. */
-  type(seen: boolean): string {
-    if (!seen) return "text";
-    if (this.boolean) return "boolean";
-    if (this.integer) return "integer";
-    if (this.bigint) return "bigint";
-    if (this.numeric) return "numeric";
-    if (this.date) return "date";
-    if (this.timestamptz) return "timestamptz";
-    return "text";
-  }
-}
+// Types come from the rules in the database (snapbase_private.csv_type_rules), applied
+// to every row by ./csv-inference.ts exactly as SQL applies them to imports.
 
 export interface CsvInspection {
   header: string[];
   rowCount: number;
-  /** The inferred type of each header column, in header order. */
-  types: string[];
+  /** The inferred type of each header column, in header order (null: no rules were given). */
+  types: string[] | null;
   /** The index of the column named id (any case), or -1. */
   idIndex: number;
   /** Whether that column's values are unique and non-empty, so it can identify records. */
@@ -247,13 +185,13 @@ function headerProblem(header: string[]): string | null {
 
 /**
  * Reads the whole text once: checks that it is well-formed CSV with a usable
- * header, infers each column's type and whether an id column identifies records.
- * Throws a ConnectorError naming the line when it is not. `label` names the file in messages.
+ * header, infers each column's type (with `rules`) and whether an id column
+ * identifies records. Throws a ConnectorError naming the line when it is not.
+ * `label` names the file in messages.
  */
-export async function inspectCsv(text: string, label = "the CSV file"): Promise<CsvInspection> {
+export async function inspectCsv(text: string, label = "the CSV file", rules?: CsvTypeRules): Promise<CsvInspection> {
   let header: string[] | undefined;
-  let tallies: TypeTally[] = [];
-  let seen: boolean[] = [];
+  let kinds: CsvColumnKinds | undefined;
   let idIndex = -1;
   let ids: Set<string> | undefined = new Set();
   let rowCount = 0;
@@ -263,17 +201,12 @@ export async function inspectCsv(text: string, label = "the CSV file"): Promise<
         header = fields;
         const problem = headerProblem(header);
         if (problem) throw new ConnectorError(`${label} has an unusable header: ${problem}`, { transient: false });
-        tallies = header.map(() => new TypeTally());
-        seen = header.map(() => false);
+        kinds = rules?.columns(header.length);
         idIndex = header.findIndex((name) => name.toLowerCase() === "id");
         continue;
       }
       rowCount++;
-      for (let i = 0; i < fields.length; i++) {
-        const value = fields[i]!;
-        if (value !== "") seen[i] = true;
-        tallies[i]!.add(value);
-      }
+      kinds?.add(fields);
       if (idIndex >= 0 && ids) {
         const id = fields[idIndex]!;
         // Once an id repeats or is missing the column cannot identify records: stop collecting.
@@ -283,7 +216,7 @@ export async function inspectCsv(text: string, label = "the CSV file"): Promise<
     }
   }
   if (header === undefined) throw new ConnectorError(`${label} is empty: it needs a header line`, { transient: false });
-  return { header, rowCount, types: tallies.map((t, i) => t.type(seen[i]!)), idIndex, idUsable: idIndex >= 0 && ids !== undefined };
+  return { header, rowCount, types: kinds?.types() ?? null, idIndex, idUsable: idIndex >= 0 && ids !== undefined };
 }
 
 /** The header only (versions the connector wrote are known to be well-formed). */
@@ -362,9 +295,8 @@ function cellText(value: unknown): string {
 
 export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: string; jobId?: string }): Connector {
   const fileId = credentials.fileId;
-  const pool = new pg.Pool({ connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 10_000 });
-  // An idle connection the server drops must not crash the process; the next query reports it.
-  pool.on("error", () => {});
+  // A connection the server drops (idle or in use) must not crash the process; the next query reports it.
+  const pool = createPool({ name: "csv source", connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 10_000, quiet: true });
   // A job reads the file several times (spec, count, download): keep the latest
   // version understood, and read it again only when a new version or override appears.
   let cached: Loaded | undefined;
@@ -384,11 +316,11 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
     if (cached?.key === key) return cached;
     const { rows: [row] } = await db.query<VersionRow>(LATEST_VERSION, [fileId]);
     if (!row) throw new ConnectorError(`CSV file ${fileId} no longer exists`, { transient: false });
-    cached = await understand(row, key);
+    cached = await understand(db, row, key);
     return cached;
   }
 
-  async function understand(row: VersionRow, key: string): Promise<Loaded> {
+  async function understand(db: pg.ClientBase | pg.Pool, row: VersionRow, key: string): Promise<Loaded> {
     const label = `CSV file ${row.name} (version ${row.version})`;
     let header: string[];
     let inferred: Record<string, string>;
@@ -402,9 +334,9 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
       const idIndex = header.findIndex((name) => name.toLowerCase() === "id");
       identity = row.row_numbers === null && idIndex >= 0 ? { kind: "id", index: idIndex } : { kind: "row_number", column: rowNumberColumn(header) };
     } else {
-      const found = await inspectCsv(row.content, label);
+      const found = await inspectCsv(row.content, label, await CsvTypeRules.load(db));
       header = found.header;
-      inferred = Object.fromEntries(header.map((name, i) => [name, found.types[i]!]));
+      inferred = Object.fromEntries(header.map((name, i) => [name, found.types![i]!]));
       rowCount = found.rowCount;
       identity = found.idUsable ? { kind: "id", index: found.idIndex } : { kind: "row_number", column: rowNumberColumn(header) };
     }
@@ -495,7 +427,7 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
    * one. The file's row stays locked from reading to writing, so two publishes to
    * one file apply one after the other. Nothing is stored when every record failed.
    */
-  function rewrite<T>(table: string, items: T[], apply: (draft: Draft, item: T) => RecordOutcome): Promise<RecordOutcome[]> {
+  function rewrite<T>(table: string, items: T[], apply: (draft: Draft, item: T) => RecordOutcome, writeOpts?: WriteOptions): Promise<RecordOutcome[]> {
     if (items.length === 0) return Promise.resolve([]);
     return guard(async () => {
       const client = await pool.connect();
@@ -511,6 +443,10 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
           const { content, rowCount: records, rowNumbers } = draft.result();
           await client.query("select snapbase_private.add_csv_version($1, $2, $3, $4, $5, $6)", [
             fileId, content, records, opts.jobId ?? null, rowNumbers, JSON.stringify(draft.loaded.inferredTypes)]);
+        }
+        if (writeOpts?.beforeCommit) {
+          const { rows } = await client.query("select txid_current()::text as txid");
+          await writeOpts.beforeCommit({ txid: rows[0].txid }, outcomes);
         }
         await client.query("commit");
         return outcomes;
@@ -545,9 +481,11 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
       return found;
     }),
 
-    create: (table, records) => rewrite(table, records, (draft, values) => draft.create(values)),
-    update: (table, records) => rewrite(table, records, (draft, r) => draft.update(r.remoteId, r.values)),
-    delete: (table, remoteIds) => rewrite(table, remoteIds, (draft, remoteId) => draft.delete(remoteId)),
+    create: (table, records, o) => rewrite(table, records, (draft, values) => draft.create(values), o),
+    update: (table, records, o) => rewrite(table, records, (draft, r) => draft.update(r.remoteId, r.values), o),
+    delete: (table, remoteIds, o) => rewrite(table, remoteIds, (draft, remoteId) => draft.delete(remoteId), o),
+
+    writeStatus: (receipt, o) => guard(() => postgresWriteStatus((sql, params) => pool.query(sql, params), receipt, o)),
 
     close: () => pool.end(),
   };

@@ -2,6 +2,7 @@
 // database (snapbase_private.account_credentials) and never leave this process.
 import { csvConnector } from "./csv.ts";
 import { mysqlConnector } from "./mysql.ts";
+import { withLocalColumnNames } from "./names.ts";
 import { postgresConnector } from "./postgres.ts";
 import { ConnectorError, type Connector } from "./types.ts";
 
@@ -16,10 +17,18 @@ export interface ConnectorOptions {
   creatorRole?: string;
 }
 
+/** The connector for an account, its columns under their workbook names (names.ts). */
 export function openConnector(kind: ConnectorKind, credentials: Record<string, unknown>, opts: ConnectorOptions): Connector {
+  return withLocalColumnNames(openSourceConnector(kind, credentials, opts));
+}
+
+function openSourceConnector(kind: ConnectorKind, credentials: Record<string, unknown>, opts: ConnectorOptions): Connector {
   switch (kind) {
     case "postgres":
-      return postgresConnector({ connectionString: String(credentials.connection_string) });
+      return postgresConnector({
+        connectionString: String(credentials.connection_string),
+        address: typeof credentials.address === "string" ? credentials.address : undefined,
+      });
     case "mysql":
       return mysqlConnector({
         host: String(credentials.host),

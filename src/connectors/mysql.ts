@@ -11,16 +11,22 @@ import {
   type RecordOutcome,
   type RemoteRecord,
   type TableSpec,
+  type WriteOptions,
+  type WriteStatus,
 } from "./types.ts";
 import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
   asConnectorError,
-  hideSecret,
   isPlainError,
   messageOf,
   missingRecord,
+  OPEN_TRANSACTION_WAIT_MS,
+  pause,
 } from "./values.ts";
+import { log } from "../log.ts";
+import { redactText } from "../redact.ts";
+import { parseJsonExact } from "../exact-json.ts";
 
 export interface MysqlCredentials {
   host: string;
@@ -63,8 +69,13 @@ export function mysqlConnector(credentials: MysqlCredentials): Connector {
   });
   // A value the table cannot hold must be refused, not silently truncated or zeroed
   // (what a server without strict mode does), so that publish reports it.
+  // Every connection keeps an error listener: a connection the server drops while
+  // idle or between queries must not be an unhandled 'error' event.
   pool.pool.on("connection", (connection) => {
-    connection.query("set session sql_mode = concat_ws(',', @@session.sql_mode, 'STRICT_ALL_TABLES')");
+    connection.on("error", (error: Error) => log.debug("MySQL source connection lost", { error: error.message }));
+    connection.query("set session sql_mode = concat_ws(',', @@session.sql_mode, 'STRICT_ALL_TABLES')", (error: Error | null) => {
+      if (error) log.debug("could not set sql_mode on a MySQL source connection", { error: error.message });
+    });
   });
   const describe = (error: unknown) => describeError(error, credentials);
   let mariaDb: Promise<boolean> | undefined;
@@ -142,9 +153,30 @@ export function mysqlConnector(credentials: MysqlCredentials): Connector {
       return found;
     }),
 
-    create: (table, records) => write(table, records, createRecord),
-    update: (table, records) => write(table, records, updateRecord),
-    delete: (table, remoteIds) => write(table, remoteIds, deleteRecord),
+    create: (table, records, opts) => write(table, records, createRecord, opts),
+    update: (table, records, opts) => write(table, records, updateRecord, opts),
+    delete: (table, remoteIds, opts) => write(table, remoteIds, deleteRecord, opts),
+
+    // MySQL cannot say whether a transaction committed; it can say whether the
+    // connection that ran it is still there. Once it is gone, the transaction is
+    // settled one way or the other and the records themselves tell which.
+    writeStatus: (receipt, opts) => guard(async (): Promise<WriteStatus> => {
+      const id = Number(receipt.connection_id);
+      if (!Number.isInteger(id) || id <= 0) return "unknown";
+      const until = Date.now() + OPEN_TRANSACTION_WAIT_MS;
+      for (let told = false; ; ) {
+        const rows = await query("select count(*) as n from information_schema.processlist where id = ?", [id]);
+        if (Number(rows[0].n) === 0) return "unknown";
+        if (!told) {
+          told = true;
+          opts?.onWait?.(`waiting for connection ${id} of an interrupted publish to finish at the source`);
+        }
+        if (Date.now() > until || opts?.signal?.aborted) {
+          throw new ConnectorError(`connection ${id} of an interrupted publish is still open at the source; trying again later`, { transient: true });
+        }
+        await pause(250, opts?.signal);
+      }
+    }),
 
     close: () => pool.end(),
   };
@@ -191,11 +223,16 @@ export function mysqlConnector(credentials: MysqlCredentials): Connector {
 
   type Apply<T> = (c: mysql.PoolConnection, t: ResolvedTable, item: T) => Promise<RecordOutcome>;
 
-  function write<T>(table: string, items: T[], apply: Apply<T>): Promise<RecordOutcome[]> {
+  function write<T>(table: string, items: T[], apply: Apply<T>, opts?: WriteOptions): Promise<RecordOutcome[]> {
     if (items.length === 0) return Promise.resolve([]);
     return guard(() => withConnection(async (connection) => {
       const t = await resolve(table, connection);
-      return applyEachInTransaction((sql) => connection.query(sql), items, (item) => apply(connection, t, item), isRecordError);
+      // The connection id tells later whether this transaction can still be open (writeStatus).
+      const beforeCommit = opts?.beforeCommit && (async (outcomes: RecordOutcome[]) => {
+        const rows = await query("select connection_id() as id", [], connection);
+        await opts.beforeCommit!({ connection_id: Number(rows[0].id) }, outcomes);
+      });
+      return applyEachInTransaction((sql) => connection.query(sql), items, (item) => apply(connection, t, item), isRecordError, beforeCommit);
     }));
   }
 }
@@ -312,7 +349,8 @@ function toJsonValue(value: unknown, type: string | undefined): unknown {
   if (value === null || value === undefined) return null;
   if (Buffer.isBuffer(value)) return `\\x${value.toString("hex")}`;
   if (type === "boolean" && typeof value === "number") return value !== 0;
-  if (type === "jsonb" && typeof value === "string") return JSON.parse(value);
+  // Numbers wider than a double keep their digits (ExactNumber writes them back as read).
+  if (type === "jsonb" && typeof value === "string") return parseJsonExact(value);
   return value;
 }
 
@@ -412,5 +450,5 @@ function describeError(error: unknown, credentials: MysqlCredentials): Connector
   const where = `${credentials.host}:${credentials.port ?? 3306}`;
   const connecting = code === undefined ? isPlainError(error) : TRANSIENT_CODES.has(code) || PERMANENT_CONNECT_CODES.has(code);
   const message = `${connecting ? `cannot connect to MySQL at ${where}` : "MySQL"}: ${messageOf(error)}`;
-  return new ConnectorError(hideSecret(message, credentials.password), { transient: isTransient(error), cause: error });
+  return new ConnectorError(redactText(message, credentials.password ? [credentials.password] : []), { transient: isTransient(error), cause: error });
 }

@@ -2,6 +2,8 @@
 // "schema.table"; a record is a row as to_jsonb renders it, identified by its
 // single-column primary key as text.
 import pg from "pg";
+import { parse } from "pg-connection-string";
+import { createPool } from "../db/pools.ts";
 import {
   ConnectorError,
   type ColumnSpec,
@@ -10,20 +12,24 @@ import {
   type RecordOutcome,
   type RemoteRecord,
   type TableSpec,
+  type WriteOptions,
 } from "./types.ts";
 import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
   asConnectorError,
-  hideSecret,
   isPlainError,
   messageOf,
   missingRecord,
   parseRowJson,
+  postgresWriteStatus,
 } from "./values.ts";
+import { redactText, secretsOfConnectionString } from "../redact.ts";
 
 export interface PostgresCredentials {
   connectionString: string;
+  /** The address the connection goes to (checked by connectors/targets.ts); unset: the string's host. */
+  address?: string;
   /**
    * For this database's managed tables: the role every query runs as (the job
    * creator's), so reads carry that user's table and column privileges, and only
@@ -48,17 +54,20 @@ interface ResolvedTable {
 const quote = pg.escapeIdentifier;
 
 export function postgresConnector(credentials: PostgresCredentials): Connector {
-  const password = passwordIn(credentials.connectionString);
-  const pool = new pg.Pool({
-    connectionString: credentials.connectionString,
+  // Every secret of the connection string (user info, query string), hidden from every message.
+  const secrets = secretsOfConnectionString(credentials.connectionString);
+  // A connection the source drops (idle or in use) must not crash the process; the next query reports it.
+  // Managed tables are read as the job's creator (the role is set for the whole session).
+  const pool = createPool({
+    name: "postgres source",
+    clientConfig: postgresClientConfig(credentials.connectionString, credentials.address),
     max: 2,
     connectionTimeoutMillis: 10_000,
-    ...(credentials.managedAs ? { options: `-c role=${credentials.managedAs}` } : {}),
+    quiet: true,
+    ...(credentials.managedAs ? { sessionSettings: { role: credentials.managedAs } } : {}),
   });
-  // An idle connection the server drops must not crash the process; the next query reports it.
-  pool.on("error", () => {});
 
-  const describe = (error: unknown) => describeError(error, password);
+  const describe = (error: unknown) => describeError(error, secrets);
   /** Runs one public call, reporting any failure as a ConnectorError. */
   async function guard<T>(work: () => Promise<T>): Promise<T> {
     try {
@@ -103,16 +112,18 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
       if (remoteIds.length === 0) return found;
       // Comparing with the typed key (not pk::text) lets PostgreSQL use the primary key index.
       const { rows } = await pool.query(
-        `select s.${t.pk}::text as remote_id, to_jsonb(s)::text as values from ${t.sql} s where s.${t.pk} = any($1)`,
+        `select s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values from ${t.sql} s where s.${t.pk} = any($1)`,
         [remoteIds],
       );
       for (const row of rows) found.set(row.remote_id, parseRowJson(row.values, t.jsonColumns));
       return found;
     }),
 
-    create: (table, records) => write(table, records, createRecord),
-    update: (table, records) => write(table, records, updateRecord),
-    delete: (table, remoteIds) => write(table, remoteIds, deleteRecord),
+    create: (table, records, opts) => write(table, records, createRecord, opts),
+    update: (table, records, opts) => write(table, records, updateRecord, opts),
+    delete: (table, remoteIds, opts) => write(table, remoteIds, deleteRecord, opts),
+
+    writeStatus: (receipt, opts) => guard(() => postgresWriteStatus((sql, params) => pool.query(sql, params), receipt, opts)),
 
     close: () => pool.end(),
   };
@@ -136,7 +147,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
       await client.query("begin isolation level repeatable read, read only");
       const t = await resolveTable(client, table);
       await client.query(`declare sb_download no scroll cursor for
-        select s.${t.pk}::text as remote_id, to_jsonb(s)::text as values from ${t.sql} s order by s.${t.pk}`);
+        select s.${t.pk}::text as remote_id, to_jsonb(s.*)::text as values from ${t.sql} s order by s.${t.pk}`);
       for (;;) {
         signal?.throwIfAborted();
         const { rows } = await client.query(`fetch forward ${Math.max(1, Math.floor(batchSize))} from sb_download`);
@@ -153,11 +164,16 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
 
   type Apply<T> = (client: pg.PoolClient, t: ResolvedTable, item: T) => Promise<RecordOutcome>;
 
-  function write<T>(table: string, items: T[], apply: Apply<T>): Promise<RecordOutcome[]> {
+  function write<T>(table: string, items: T[], apply: Apply<T>, opts?: WriteOptions): Promise<RecordOutcome[]> {
     if (items.length === 0) return Promise.resolve([]);
     return guard(() => withClient(async (client) => {
       const t = await resolveTable(client, table);
-      return applyEachInTransaction((sql) => client.query(sql), items, (item) => apply(client, t, item), isRecordError);
+      // The txid tells later whether this transaction committed (txid_status).
+      const beforeCommit = opts?.beforeCommit && (async (outcomes: RecordOutcome[]) => {
+        const { rows } = await client.query("select txid_current()::text as txid");
+        await opts.beforeCommit!({ txid: rows[0].txid }, outcomes);
+      });
+      return applyEachInTransaction((sql) => client.query(sql), items, (item) => apply(client, t, item), isRecordError, beforeCommit);
     }));
   }
 }
@@ -341,17 +357,29 @@ function isConnectFailure(error: unknown): boolean {
   return NETWORK_ERROR_CODES.has(code) || /^(08|28)/.test(code) || code === "3D000";
 }
 
-function describeError(error: unknown, password: string | undefined): ConnectorError {
-  const message = `${isConnectFailure(error) ? "cannot connect to PostgreSQL" : "PostgreSQL"}: ${messageOf(error)}`;
-  return new ConnectorError(hideSecret(message, password), { transient: isTransient(error), cause: error });
+/** pg's client settings for a PostgreSQL connector: the string as pg reads it, at the checked address. */
+export function postgresClientConfig(connectionString: string, address?: string): pg.ClientConfig {
+  const parsed = parse(connectionString);
+  const config = { ...parsed } as Record<string, unknown>;
+  delete config.host;
+  const host = parsed.host ?? "";
+  // TLS still names (and verifies) the host the user wrote, not the address.
+  const ssl = parsed.ssl === true ? { servername: host } : typeof parsed.ssl === "object" && parsed.ssl ? { ...parsed.ssl, servername: host } : parsed.ssl;
+  return {
+    ...(config as pg.ClientConfig),
+    host: address ?? host,
+    port: parsed.port ? Number(parsed.port) : undefined,
+    database: parsed.database ?? undefined,
+    ssl: ssl as pg.ClientConfig["ssl"],
+  };
 }
 
-/** The password in a URL or key=value connection string, to keep it out of messages. */
-function passwordIn(connectionString: string): string | undefined {
-  try {
-    const password = new URL(connectionString).password;
-    return password ? decodeURIComponent(password) : undefined;
-  } catch {
-    return /(?:^|\s)password\s*=\s*'?([^'\s]+)/.exec(connectionString)?.[1];
-  }
+/** A failure talking to a PostgreSQL source, as a ConnectorError without its connection string's secrets. */
+export function describePostgresError(error: unknown, connectionString: string): ConnectorError {
+  return describeError(error, secretsOfConnectionString(connectionString));
+}
+
+function describeError(error: unknown, secrets: readonly string[]): ConnectorError {
+  const message = `${isConnectFailure(error) ? "cannot connect to PostgreSQL" : "PostgreSQL"}: ${messageOf(error)}`;
+  return new ConnectorError(redactText(message, secrets), { transient: isTransient(error), cause: error });
 }

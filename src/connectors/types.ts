@@ -11,6 +11,8 @@ export interface ColumnSpec {
   type: string;
   /** Never written back (generated, identity, computed at the source). */
   readOnly: boolean;
+  /** The source's own name, when the workbook must name the column otherwise (connectors/names.ts). */
+  sourceName?: string;
 }
 
 export interface TableSpec {
@@ -38,6 +40,30 @@ export interface DownloadOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * How to recognise one write call's transaction at the source later, e.g.
+ * {"txid": "812"} (PostgreSQL) or {"connection_id": 41} (MySQL). JSON.
+ */
+export type WriteReceipt = Record<string, unknown>;
+
+export interface WriteOptions {
+  /**
+   * Called once every record is applied, just before the source commits, with
+   * what identifies the transaction and each record's outcome so far. The source
+   * commits only after it resolves; if it throws, the source rolls back. Publish
+   * records its intent here, so a crash after the source commits loses nothing.
+   */
+  beforeCommit?: (receipt: WriteReceipt, outcomes: RecordOutcome[]) => Promise<void>;
+}
+
+/**
+ * What became of a write call whose outcome was never recorded (the worker died
+ * after beforeCommit): committed or rolled back at the source, or unknown (the
+ * caller then compares records with the source). Waits while the transaction is
+ * still open at the source, and throws a transient ConnectorError if it stays open.
+ */
+export type WriteStatus = "committed" | "rolled_back" | "unknown";
+
 export interface Connector {
   /** Throws ConnectorError when the credentials or the host are wrong. */
   test(): Promise<void>;
@@ -50,10 +76,12 @@ export interface Connector {
   download(table: string, opts: DownloadOptions): AsyncIterable<RemoteRecord[]>;
   /** The source's current values of these records; missing ids are absent from the map. */
   fetch(table: string, remoteIds: string[]): Promise<Map<string, Record<string, unknown>>>;
-  create(table: string, records: Record<string, unknown>[]): Promise<RecordOutcome[]>;
+  create(table: string, records: Record<string, unknown>[], opts?: WriteOptions): Promise<RecordOutcome[]>;
   /** Each update carries only the fields to change. */
-  update(table: string, records: { remoteId: string; values: Record<string, unknown> }[]): Promise<RecordOutcome[]>;
-  delete(table: string, remoteIds: string[]): Promise<RecordOutcome[]>;
+  update(table: string, records: { remoteId: string; values: Record<string, unknown> }[], opts?: WriteOptions): Promise<RecordOutcome[]>;
+  delete(table: string, remoteIds: string[], opts?: WriteOptions): Promise<RecordOutcome[]>;
+  /** See WriteStatus. `onWait` is told when the transaction is still open at the source. */
+  writeStatus(receipt: WriteReceipt, opts?: { onWait?: (message: string) => void; signal?: AbortSignal }): Promise<WriteStatus>;
   close(): Promise<void>;
 }
 

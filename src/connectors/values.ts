@@ -1,6 +1,7 @@
 // Helpers shared by the database connectors: per-record writes with savepoints,
-// error text without secrets, and JSON parsing that keeps wide numbers exact.
-import { ConnectorError, type RecordOutcome } from "./types.ts";
+// and JSON parsing that keeps wide numbers exact.
+import { ExactNumber, parseJsonExact } from "../exact-json.ts";
+import { ConnectorError, type RecordOutcome, type WriteReceipt, type WriteStatus } from "./types.ts";
 
 /** Node's network error codes: the host is down, unreachable or dropped us; worth retrying. */
 export const NETWORK_ERROR_CODES: ReadonlySet<string> = new Set([
@@ -25,9 +26,56 @@ export function messageOf(error: unknown): string {
 export const isPlainError = (error: unknown): boolean =>
   error instanceof AggregateError || (error instanceof Error && error.constructor === Error);
 
-/** Replaces the password wherever it appears, so it never reaches logs or the UI. */
-export function hideSecret(text: string, secret: string | undefined): string {
-  return secret ? text.split(secret).join("***") : text;
+/** Waits `ms`, or less if the signal aborts. */
+export const pause = (ms: number, signal?: AbortSignal): Promise<void> =>
+  new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    }
+    signal?.addEventListener("abort", done, { once: true });
+  });
+
+/** How long writeStatus waits for a transaction still open at the source before it lets the job retry later. */
+export const OPEN_TRANSACTION_WAIT_MS = 60_000;
+
+/**
+ * writeStatus for PostgreSQL sources (and the csv connector, whose files live in
+ * PostgreSQL): the transaction's fate by its txid (txid_status), waiting while it
+ * is still open, e.g. a commit held up by a slow deferred trigger.
+ */
+export async function postgresWriteStatus(
+  query: (sql: string, params: unknown[]) => Promise<{ rows: { status: string | null }[] }>,
+  receipt: WriteReceipt,
+  opts: { onWait?: (message: string) => void; signal?: AbortSignal } = {},
+): Promise<WriteStatus> {
+  const txid = receipt.txid;
+  if (typeof txid !== "string" || !/^\d{1,20}$/.test(txid)) return "unknown";
+  const until = Date.now() + OPEN_TRANSACTION_WAIT_MS;
+  let told = false;
+  for (;;) {
+    let status: string | null;
+    try {
+      status = (await query("select txid_status($1::bigint) as status", [txid])).rows[0]?.status ?? null;
+    } catch (error) {
+      // "transaction ID is in the future": not this server's history (restored, replaced).
+      if ((error as { code?: string }).code === "22023") return "unknown";
+      throw error;
+    }
+    if (status === "committed") return "committed";
+    if (status === "aborted") return "rolled_back";
+    if (status !== "in progress") return "unknown"; // too old to tell
+    if (!told) {
+      told = true;
+      opts.onWait?.(`waiting for transaction ${txid} of an interrupted publish to finish at the source`);
+    }
+    if (Date.now() > until || opts.signal?.aborted) {
+      throw new ConnectorError(`transaction ${txid} of an interrupted publish is still open at the source; trying again later`, { transient: true });
+    }
+    await pause(250, opts.signal);
+  }
 }
 
 /** Wraps any failure in a ConnectorError, keeping ConnectorErrors as they are. */
@@ -39,12 +87,15 @@ export function asConnectorError(error: unknown, describe: (error: unknown) => C
  * Applies each item in its own savepoint inside one transaction, so a record the
  * source rejects gets `ok: false` and the others still apply. Errors that are not
  * about one record (connection lost, deadlock) abort the whole call and are thrown.
+ * `beforeCommit` runs after the last item and before COMMIT; if it throws, nothing
+ * is committed.
  */
 export async function applyEachInTransaction<T>(
   exec: (sql: string) => Promise<unknown>,
   items: T[],
   apply: (item: T) => Promise<RecordOutcome>,
   isRecordError: (error: unknown) => boolean,
+  beforeCommit?: (outcomes: RecordOutcome[]) => Promise<void>,
 ): Promise<RecordOutcome[]> {
   const outcomes: RecordOutcome[] = [];
   await exec("begin");
@@ -60,6 +111,8 @@ export async function applyEachInTransaction<T>(
         outcomes.push({ ok: false, error: messageOf(error) });
       }
     }
+    // The caller records what is about to be committed (publish's intent) first.
+    await beforeCommit?.(outcomes);
   } catch (error) {
     await exec("rollback").catch(() => {});
     throw error;
@@ -76,59 +129,15 @@ export async function applyEachInTransaction<T>(
 
 // --- JSON with exact wide numbers ----------------------------------------------
 
-/** A number JSON.parse would round (more digits than a double holds), kept as its source text. */
-class WideNumber {
-  readonly text: string;
-  constructor(text: string) {
-    this.text = text;
-  }
-}
-
-/** A double holds any 15 significant digits, so only a run of 16 digits (or dots) can be at risk. */
-const MAYBE_WIDE_NUMBER = /[0-9.]{16}/;
-
 /**
  * Parses a row rendered as a JSON object (PostgreSQL's to_jsonb). Column values
  * that are numbers too wide for a double (big bigints, long numerics) come back as
  * their exact text, which the workbook's typed column casts without loss. Numbers
- * inside JSON documents (`jsonColumns`) stay numbers, as any JSON reader gives them.
+ * inside JSON documents (`jsonColumns`) stay numbers, with their exact digits
+ * (ExactNumber, which JSON.stringify writes as it was read).
  */
 export function parseRowJson(text: string, jsonColumns: ReadonlySet<string>): Record<string, unknown> {
-  if (!MAYBE_WIDE_NUMBER.test(text)) return JSON.parse(text);
-  const row: Record<string, unknown> = JSON.parse(text, markWideNumbers);
-  for (const [column, value] of Object.entries(row)) row[column] = settleWideNumbers(value, !jsonColumns.has(column));
+  const row = parseJsonExact(text) as Record<string, unknown>;
+  for (const [column, value] of Object.entries(row)) if (!jsonColumns.has(column) && value instanceof ExactNumber) row[column] = value.text;
   return row;
-}
-
-// JSON.parse passes the number's source text as context.source (Node 22+).
-function markWideNumbers(_key: string, value: unknown, context?: { source?: string }): unknown {
-  if (typeof value !== "number" || context?.source === undefined) return value;
-  return sameDecimal(context.source, String(value)) ? value : new WideNumber(context.source);
-}
-
-function settleWideNumbers(value: unknown, asText: boolean): unknown {
-  if (value instanceof WideNumber) return asText ? value.text : Number(value.text);
-  if (Array.isArray(value)) return value.map((v) => settleWideNumbers(v, asText));
-  if (value !== null && typeof value === "object") {
-    const object = value as Record<string, unknown>;
-    for (const [key, v] of Object.entries(object)) object[key] = settleWideNumbers(v, asText);
-  }
-  return value;
-}
-
-/** Whether two decimal texts are the same number ("12.50" and "12.5" are; "9007199254740993" and "9007199254740992" are not). */
-function sameDecimal(a: string, b: string): boolean {
-  return canonicalDecimal(a) === canonicalDecimal(b);
-}
-
-/** "0012.3400" → "1234e-2", "1.2e+21" → "12e20": significant digits and a power of ten. */
-function canonicalDecimal(text: string): string {
-  const match = /^(-?)(\d*)(?:\.(\d*))?(?:e([+-]?\d+))?$/i.exec(text);
-  if (!match) return text;
-  const [, sign, whole, fraction = "", exponent = "0"] = match;
-  const digits = (whole + fraction).replace(/^0+/, "");
-  const significant = digits.replace(/0+$/, "");
-  if (significant === "") return "0";
-  const power = Number(exponent) - fraction.length + (digits.length - significant.length);
-  return `${sign}${significant}e${power}`;
 }

@@ -1,6 +1,7 @@
 // Cluster-level setup that needs a superuser (or CREATEROLE + CREATEDB): the roles
 // and the database. Everything inside the database is done by migrations as the owner.
 import pg from "pg";
+import { withClient } from "./pools.ts";
 import type { RoleNames } from "../config.ts";
 
 const ident = (name: string) => pg.Client.prototype.escapeIdentifier(name);
@@ -33,9 +34,7 @@ async function grantRole(client: pg.Client, role: string, member: string) {
 /** Creates the roles (if missing) and the database (if missing). Safe to re-run. */
 export async function bootstrapCluster(opts: BootstrapOptions): Promise<void> {
   const { roles } = opts;
-  const client = new pg.Client({ connectionString: opts.rootUrl });
-  await client.connect();
-  try {
+  await withClient("bootstrap", opts.rootUrl, async (client) => {
     // Serialise concurrent bootstraps (two servers starting at once) on one cluster.
     await client.query("select pg_advisory_lock(hashtext('snapbase bootstrap'))");
     const { rows } = await client.query("select rolsuper from pg_roles where rolname = $1", [roles.owner]);
@@ -63,21 +62,15 @@ export async function bootstrapCluster(opts: BootstrapOptions): Promise<void> {
       await client.query(`create database ${ident(opts.database)} owner ${ident(roles.owner)}`);
     }
     await client.query("select pg_advisory_unlock(hashtext('snapbase bootstrap'))");
-  } finally {
-    await client.end();
-  }
+  });
 }
 
 /** Can this connection create roles? (Then start-up bootstraps by itself.) */
 export async function canCreateRoles(url: string): Promise<boolean> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
+  return withClient("bootstrap check", url, async (client) => {
     const { rows } = await client.query(
       "select rolsuper or rolcreaterole as ok from pg_roles where rolname = current_user",
     );
     return Boolean(rows[0]?.ok);
-  } finally {
-    await client.end();
-  }
+  });
 }

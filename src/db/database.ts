@@ -2,7 +2,6 @@
 // DATABASE_URL is given, creates roles and database when it can, migrates, and
 // writes the settings the SQL layer reads (never a secret: the server alone signs
 // and verifies JWTs).
-import pg from "pg";
 import { ConfigError, type Config, type LoginPolicy, roleNames } from "../config.ts";
 import { log } from "../log.ts";
 import { ensureCredentialKeys } from "../connectors/credential-keys.ts";
@@ -10,6 +9,7 @@ import { bootstrapCluster, canCreateRoles } from "./bootstrap.ts";
 import { startEmbeddedPostgres, type EmbeddedServer } from "./embedded.ts";
 import { loadLocalSecrets } from "./local-secrets.ts";
 import { runMigrations, type MigrationTarget } from "./migrate.ts";
+import { withClient } from "./pools.ts";
 import { databaseName, urlParts, urlPassword, withUrlParts } from "./urls.ts";
 
 export interface Database {
@@ -124,16 +124,12 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
  * Production refuses one; development warns.
  */
 async function refuseSuperuserOwner(ownerUrl: string, config: Config): Promise<void> {
-  const client = new pg.Client({ connectionString: ownerUrl });
-  client.on("error", () => {});
-  let superuser = false;
+  let superuser: boolean;
   try {
-    await client.connect();
-    superuser = Boolean((await client.query("select rolsuper from pg_roles where rolname = current_user")).rows[0]?.rolsuper);
+    superuser = await withClient("owner check", ownerUrl, async (client) =>
+      Boolean((await client.query("select rolsuper from pg_roles where rolname = current_user")).rows[0]?.rolsuper));
   } catch {
     return; // bootstrap and migrations report an unreachable database with their own message
-  } finally {
-    await client.end().catch(() => {});
   }
   if (!superuser) return;
   const user = urlParts(ownerUrl).user || "(default user)";
@@ -161,9 +157,7 @@ export async function applyDatabaseSettings(
     credentialsKey: string;
   },
 ): Promise<void> {
-  const client = new pg.Client({ connectionString: ownerUrl });
-  await client.connect();
-  try {
+  await withClient("settings", ownerUrl, async (client) => {
     await client.query(
       `insert into snapbase_private.settings (key, value)
        select * from unnest($1::text[], $2::text[])
@@ -175,7 +169,5 @@ export async function applyDatabaseSettings(
       ],
     );
     await ensureCredentialKeys(client, s.credentialsKey);
-  } finally {
-    await client.end();
-  }
+  });
 }

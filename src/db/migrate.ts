@@ -5,9 +5,10 @@ import { Logger as WorkerLogger, runMigrations as installWorkerSchema } from "gr
 import { readFileSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import pg from "pg";
+import type pg from "pg";
 import { Logger } from "@graphile/logger";
-import { graphileLogFactory, log } from "../log.ts";
+import { createPool } from "./pools.ts";
+import { graphileLogFactory } from "../log.ts";
 import type { RoleNames } from "../config.ts";
 
 export const projectRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
@@ -59,7 +60,7 @@ function settingsFor(target: MigrationTarget): Settings {
 // copy); route them into our JSON logs, keeping only warnings and errors (while
 // migrating they narrate every step at info level).
 const quietLogger = new Logger(graphileLogFactory("graphile-migrate", "warn"));
-const quietWorkerLogger = new WorkerLogger(graphileLogFactory("graphile-worker", "warn"));
+export const quietWorkerLogger = new WorkerLogger(graphileLogFactory("graphile-worker", "warn"));
 
 // The work in progress is the folder `migrations/current/` (graphile-migrate's
 // folder mode: its files are applied in number order, so separate topics can be
@@ -84,9 +85,7 @@ export async function runMigrations(target: MigrationTarget, opts: { includeCurr
   await migrate(settings, false, false);
   // SQL functions queue jobs with graphile_worker.add_job, so its schema must exist
   // even before a worker first starts.
-  const pool = new pg.Pool({ connectionString: target.ownerUrl, max: 1 });
-  pool.on("error", (e) => log.warn("worker schema connection failed", { error: e.message }));
-  pool.on("connect", (client) => client.on("error", (e) => log.warn("worker schema connection failed", { error: e.message })));
+  const pool = createPool({ name: "worker schema", connectionString: target.ownerUrl, max: 1 });
   try {
     await installWorkerSchema({ pgPool: pool, logger: quietWorkerLogger });
   } finally {

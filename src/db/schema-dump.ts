@@ -14,11 +14,12 @@
 // (:ROLE_VIEWER …), so the dump is the same whatever the role prefix.
 import { readdirSync, readFileSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import path from "node:path";
-import pg from "pg";
+import type pg from "pg";
 import type { RoleNames } from "../config.ts";
 import { log } from "../log.ts";
 import { bootstrapCluster } from "./bootstrap.ts";
 import { projectRoot, rolePlaceholders, runMigrations, type MigrationTarget } from "./migrate.ts";
+import { withClient } from "./pools.ts";
 import { databaseName, withUrlParts } from "./urls.ts";
 
 export const schemaFolder = path.join(projectRoot, "schema");
@@ -567,27 +568,17 @@ export function writeDump(files: Map<string, string>, folder = schemaFolder): vo
 export async function dumpFromMigrations(target: MigrationTarget, opts: { includeCurrent: boolean }): Promise<Map<string, string>> {
   if (!target.rootUrl) {
     log.warn("no ROOT_DATABASE_URL: dumping the database itself rather than a fresh copy built from the migrations");
-    return withClient(target.ownerUrl, (c) => dumpSchema(c, target.roles));
+    return withClient("schema dump", target.ownerUrl, (c) => dumpSchema(c, target.roles));
   }
   const scratch = `${databaseName(target.ownerUrl)}_schema_dump`.slice(0, 63);
-  const dropScratch = () => withClient(target.rootUrl!, (c) => c.query(`drop database if exists ${c.escapeIdentifier(scratch)} with (force)`));
+  const dropScratch = () => withClient("schema dump", target.rootUrl!, (c) => c.query(`drop database if exists ${c.escapeIdentifier(scratch)} with (force)`));
   await dropScratch();
   try {
     await bootstrapCluster({ rootUrl: target.rootUrl, database: scratch, roles: target.roles });
     const ownerUrl = withUrlParts(target.ownerUrl, { database: scratch });
     await runMigrations({ ownerUrl, roles: target.roles, rootUrl: target.rootUrl }, opts);
-    return await withClient(ownerUrl, (c) => dumpSchema(c, target.roles));
+    return await withClient("schema dump", ownerUrl, (c) => dumpSchema(c, target.roles));
   } finally {
     await dropScratch();
-  }
-}
-
-async function withClient<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    return await fn(client);
-  } finally {
-    await client.end();
   }
 }

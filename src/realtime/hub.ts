@@ -3,6 +3,7 @@
 // NOTIFY reaches every process on the database, so an event caused through any
 // instance reaches the clients of all of them.
 import pg from "pg";
+import { connectClient } from "../db/pools.ts";
 import { log } from "../log.ts";
 
 type Listener = (event: { id: number; topic: string; kind: string }) => void;
@@ -26,7 +27,12 @@ export class EventHub {
     if (!set) {
       set = new Set();
       this.listeners.set(topic, set);
-      await this.run(await this.connection(), `listen ${pg.escapeIdentifier(channel(topic))}`);
+      try {
+        await this.run(await this.connection(), `listen ${pg.escapeIdentifier(channel(topic))}`);
+      } catch (error) {
+        if (this.listeners.get(topic) === set && set.size === 0) this.listeners.delete(topic);
+        throw error;
+      }
     }
     set.add(listener);
     return async () => {
@@ -51,14 +57,24 @@ export class EventHub {
   }
 
   private async connect(): Promise<pg.Client> {
-    const client = new pg.Client({ connectionString: this.connectionString });
-    client.on("notification", (msg) => this.dispatch(msg));
-    client.on("error", (error) => {
-      log.warn("event listener connection failed; reconnecting", { error: error.message });
-      this.client = undefined;
-      if (!this.closed) setTimeout(() => void this.relisten(), 1000);
+    let lost = false;
+    const client = await connectClient({
+      name: "realtime listener",
+      connectionString: this.connectionString,
+      onLost: () => {
+        if (lost) return;
+        lost = true;
+        log.warn("event listener connection lost; reconnecting");
+        if (this.client === client) this.client = undefined;
+        client.end().catch(() => {});
+        if (!this.closed) setTimeout(() => void this.relisten(), 1000).unref();
+      },
     });
-    await client.connect();
+    client.on("notification", (msg) => this.dispatch(msg));
+    if (this.closed) {
+      await client.end().catch(() => {});
+      throw new Error("the event hub is closed");
+    }
     this.client = client;
     return client;
   }
@@ -66,13 +82,15 @@ export class EventHub {
   // After a reconnect, listen again to every followed topic. Followers catch up on
   // what they missed by asking for events after the last id they saw.
   private async relisten(): Promise<void> {
+    if (this.closed) return;
     try {
       const client = await this.connection();
       for (const topic of this.listeners.keys()) await this.run(client, `listen ${pg.escapeIdentifier(channel(topic))}`);
       for (const [topic, set] of this.listeners) for (const listener of set) listener({ id: 0, topic, kind: "reconnected" });
     } catch (error) {
+      if (this.closed) return;
       log.warn("event listener could not reconnect", { error: (error as Error).message });
-      if (!this.closed) setTimeout(() => void this.relisten(), 5000);
+      setTimeout(() => void this.relisten(), 2000).unref();
     }
   }
 

@@ -3,6 +3,8 @@
 import { Router, type Request, type Response } from "express";
 import type pg from "pg";
 import { cursorBatches, withUserTransaction } from "../db/request-client.ts";
+import { writeOrWait } from "./stream.ts";
+import { jsonTextForClients } from "../exact-json.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
@@ -30,7 +32,7 @@ const snapshotSummary = `id, change_request_id, table_name, created_at, record_c
 export function changeRoutes(deps: { pool: pg.Pool }): Router {
   const router = Router();
   const asUser = <T>(req: Request, fn: (c: pg.PoolClient) => Promise<T>) =>
-    withUserTransaction(deps.pool, req.pgSettings!, fn);
+    withUserTransaction(deps.pool, req.pgSettings!, fn, req.abortSignal);
 
   router.get("/tables/:table_name/snapshots", async (req, res) => {
     const result = await asUser(req, async (c) => {
@@ -140,10 +142,11 @@ async function streamSnapshot(c: pg.PoolClient, res: Response, summary: Record<s
   // Rows arrive as JSON text and are written as they are: parsing them only to
   // serialize them again would cost more than the query.
   for await (const rows of cursorBatches<{ row: string }>(c, 'select "row"::text as row from snapbase.snapshot_rows($1)', [id], ROWS_PER_FETCH)) {
-    const chunk = rows.map((r) => r.row).join(",");
-    const ok = res.write((first ? "" : ",") + chunk);
+    // Numbers too wide for a double become exact strings, as everywhere in REST
+    // (only rows holding a long run of digits are parsed to check).
+    const chunk = jsonTextForClients(`[${rows.map((r) => r.row).join(",")}]`).slice(1, -1);
+    await writeOrWait(res, (first ? "" : ",") + chunk);
     first = false;
-    if (!ok) await new Promise((resolve) => res.once("drain", resolve));
   }
   res.end("]}");
 }

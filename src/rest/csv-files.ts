@@ -8,18 +8,31 @@ import type pg from "pg";
 import { inspectCsv } from "../connectors/csv.ts";
 import { ConnectorError } from "../connectors/types.ts";
 import { withUserTransaction } from "../db/request-client.ts";
+import { assertUtf8 } from "../server/body.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
 /** The largest CSV file accepted (the connector reads a version whole). */
 export const CSV_UPLOAD_LIMIT = "50mb";
 
-const parseCsvBody = express.text({ type: "text/csv", limit: CSV_UPLOAD_LIMIT });
+const parseCsvBody = express.raw({ type: "text/csv", limit: CSV_UPLOAD_LIMIT });
 
-/** express.text, with its failures (too large, unknown charset) reported as client errors. */
+/** The body as strict UTF-8 text (a byte that is not UTF-8 is refused, never replaced by U+FFFD),
+ *  with the parser's failures (too large) reported as client errors. */
 function csvBody(req: Request, res: Response, next: NextFunction): void {
+  const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1];
+  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+    return next(new HttpError(415, "unsupported_charset", `send the CSV file as UTF-8 (got charset ${JSON.stringify(charset)})`));
+  }
   parseCsvBody(req, res, (error?: unknown) => {
-    if (!error) return next();
+    if (!error) {
+      try {
+        if (Buffer.isBuffer(req.body)) req.body = assertUtf8(req.body, "the CSV file");
+      } catch (e) {
+        return next(e);
+      }
+      return next();
+    }
     const e = error as { type?: string; status?: number; message?: string };
     if (e.type === "entity.too.large") return next(new HttpError(413, "body_too_large", `the CSV file is larger than the ${CSV_UPLOAD_LIMIT} limit`));
     if (typeof e.status === "number" && e.status >= 400 && e.status < 500) return next(new HttpError(e.status, "invalid_body", String(e.message)));
@@ -43,7 +56,7 @@ const downloadName = (name: string, version: number) => `${name.replace(/\.csv$/
 export function csvFileRoutes(deps: { pool: pg.Pool }): Router {
   const router = Router();
   const asUser = <T>(req: Request, fn: (c: pg.PoolClient) => Promise<T>) =>
-    withUserTransaction(deps.pool, req.pgSettings!, fn);
+    withUserTransaction(deps.pool, req.pgSettings!, fn, req.abortSignal);
 
   router.post("/csv-files", csvBody, async (req, res) => {
     const name = req.query.name;

@@ -82,10 +82,16 @@ export function eventRoutes(deps: {
   heartbeatMs?: number;
   /** Resolves the request's token again (the session may have ended or the role changed since the stream opened). */
   reauthorize?: (req: Request) => Promise<PgSettings>;
+  /** Aborted at shutdown: open streams end. */
+  shutdown?: AbortSignal;
 }): Router {
   const router = Router();
 
   const feeds = new Map<string, Feed>();
+  // At shutdown every stream ends; clients reconnect (to another instance) with Last-Event-ID.
+  deps.shutdown?.addEventListener("abort", () => {
+    for (const feed of feeds.values()) for (const s of feed.streams) s.end();
+  }, { once: true });
 
   async function stream(req: Request, res: Response, topic: string): Promise<void> {
     const settings = req.pgSettings!;
@@ -101,8 +107,11 @@ export function eventRoutes(deps: {
       return fetchAfter(after);
     };
     const stream = new Stream(res, lastEventId(req));
+    if (deps.shutdown?.aborted) throw new HttpError(503, "shutting_down", "the server is shutting down; reconnect");
     // Access is checked before the stream opens, so refusals are ordinary HTTP errors.
-    const backlog = await fetchAfter(stream.sent);
+    const backlog = await withUserTransaction(deps.pool, settings, async (c) =>
+      (await c.query<{ e: Event }>("select e from snapbase.visible_events($1, $2) e", [topic, stream.sent])).rows.map((r) => r.e), req.abortSignal);
+    if (req.abortSignal.aborted) return;
 
     res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache", connection: "keep-alive", "x-accel-buffering": "no" });
     res.write("retry: 3000\n\n");
@@ -113,19 +122,29 @@ export function eventRoutes(deps: {
     if (!feed) {
       const created = new Feed(fetchFollowing);
       created.following = deps.hub.follow(topic, () => void created.catchUp());
+      // Without a LISTEN (the database is unreachable) the feed's streams end; clients reconnect.
+      created.following.catch(() => {
+        if (feeds.get(key) === created) feeds.delete(key);
+        for (const s of created.streams) s.end();
+      });
       feeds.set(key, (feed = created));
     }
     feed.streams.add(stream);
     const heartbeat = setInterval(() => res.write(": heartbeat\n\n"), deps.heartbeatMs ?? HEARTBEAT_MS);
-    req.on("close", () => {
+    res.once("close", () => {
       clearInterval(heartbeat);
       feed.streams.delete(stream);
       if (feed.streams.size === 0 && feeds.get(key) === feed) {
         feeds.delete(key);
-        void feed.following?.then((unfollow) => unfollow());
+        void feed.following?.then((unfollow) => unfollow(), () => {});
       }
     });
-    await feed.following;
+    if (deps.shutdown?.aborted) return stream.end();
+    try {
+      await feed.following;
+    } catch {
+      return; // ended above
+    }
     await feed.catchUp(); // whatever happened between the backlog and the LISTEN
   }
 

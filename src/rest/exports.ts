@@ -6,7 +6,7 @@ import { Router, type Request, type Response } from "express";
 import { finished } from "node:stream/promises";
 import type pg from "pg";
 import { to as copyTo } from "pg-copy-streams";
-import { withUserTransaction } from "../db/request-client.ts";
+import { RequestAbortedError, withUserTransaction } from "../db/request-client.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
@@ -27,20 +27,11 @@ async function writeCsv(c: pg.PoolClient, res: Response, filename: string, call:
   // Headers go out only now: an error before this point is still a clean HTTP error.
   res.status(200).set({ "content-type": "text/csv; charset=utf-8", "content-disposition": `attachment; filename="${filename}"` });
   const copy = c.query(copyTo(`copy (select ${columns} from snapbase_export order by ord) to stdout with (format csv)`));
-  // A client that goes away mid-file: the rest of the COPY is read and dropped, as a
-  // COPY cannot be stopped half-way without losing the connection's place.
-  const drop = () => {
-    copy.unpipe(res);
-    copy.resume();
-  };
-  res.once("close", drop);
+  // A client that goes away, at any point: the request's abort signal cancels the
+  // COPY and destroys the connection (withUserTransaction), which ends this stream.
   copy.pipe(res, { end: false });
-  try {
-    await finished(copy);
-  } finally {
-    res.off("close", drop);
-  }
-  if (res.destroyed) throw new Error("the client closed the connection during the download");
+  await finished(copy);
+  if (res.destroyed) throw new RequestAbortedError();
 }
 
 export function exportRoutes(deps: { pool: pg.Pool }): Router {
@@ -51,19 +42,24 @@ export function exportRoutes(deps: { pool: pg.Pool }): Router {
   // must not look complete.
   async function sendCsv(req: Request, res: Response, filename: string, call: string, params: unknown[]): Promise<void> {
     try {
-      await withUserTransaction(deps.pool, req.pgSettings!, (c) => writeCsv(c, res, filename, call, params));
+      await withUserTransaction(deps.pool, req.pgSettings!, (c) => writeCsv(c, res, filename, call, params), req.abortSignal);
     } catch (error) {
-      if (!res.headersSent) throw error;
+      if (!res.headersSent || error instanceof RequestAbortedError) throw error;
       res.destroy(error as Error);
       return;
     }
     res.end();
   }
 
+  // The table's column order without its hidden columns; ?columns=all: every column, in table order.
   router.get("/workbook-tables/:id/export.csv", async (req, res) => {
     const id = idParam(req, "id");
     const filtered = req.query.filter === "active";
-    await sendCsv(req, res, `table-${id}.csv`, "snapbase.export_table_rows($1, $2)", [id, filtered]);
+    const columns = req.query.columns ?? "table";
+    if (columns !== "table" && columns !== "all") {
+      throw new HttpError(400, "invalid_columns", `columns must be table (the table's column order, hidden columns left out) or all (got ${JSON.stringify(columns)})`);
+    }
+    await sendCsv(req, res, `table-${id}.csv`, "snapbase.export_table_rows($1, $2, $3)", [id, filtered, columns === "all"]);
   });
 
   router.get("/snapshots/:id/export.csv", async (req, res) => {

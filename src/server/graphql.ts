@@ -11,7 +11,9 @@ import { developmentHttpOptions, type HttpOptions } from "../config.ts";
 import { log } from "../log.ts";
 import { makeAuthPlugin } from "./auth-plugin.ts";
 import { toClientError } from "./errors.ts";
+import { installExactJsonCodecs } from "./exact-json.ts";
 import { makeHardeningPlugin, stripSuggestions } from "./graphql-hardening.ts";
+import { PreviewCapPlugin } from "./cap.ts";
 import { RealtimePlugin } from "./realtime-plugin.ts";
 
 /** Settings resolved by the HTTP auth middleware before grafserv sees the request. */
@@ -81,9 +83,10 @@ export function makePreset(opts: {
       throw error;
     }
   };
+  installExactJsonCodecs();
   return {
     extends: [PostGraphileAmberPreset],
-    plugins: [RealtimePlugin, RuruNoncePlugin, makeAuthPlugin({ jwtSecret: opts.auth.jwtSecret }), makeHardeningPlugin({ http, anonymousRole: opts.auth.roles.anonymous })],
+    plugins: [RealtimePlugin, PreviewCapPlugin, RuruNoncePlugin, makeAuthPlugin({ jwtSecret: opts.auth.jwtSecret }), makeHardeningPlugin({ http, anonymousRole: opts.auth.roles.anonymous })],
     pgServices: [makePgService({ pool: opts.pool, schemas: ["snapbase"], pubsub: true })],
     grafserv: {
       graphqlPath: "/graphql",

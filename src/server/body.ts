@@ -1,0 +1,73 @@
+// Request bodies: JSON only where JSON is expected, decoded as strict UTF-8, and
+// text that is not valid Unicode refused (never stored with U+FFFD in its place).
+import express, { type NextFunction, type Request, type Response } from "express";
+import { HttpError } from "./errors.ts";
+
+const JSON_TYPES = ["application/json", "application/*+json"];
+
+/** Whether the request carries a body (an empty POST does not). */
+export function hasBody(req: Request): boolean {
+  if (req.headers["transfer-encoding"] !== undefined) return true;
+  const length = Number(req.headers["content-length"]);
+  return Number.isFinite(length) && length > 0;
+}
+
+/** Refuses bytes that are not UTF-8 instead of decoding them to U+FFFD. */
+export function assertUtf8(bytes: Uint8Array, what: string): string {
+  try {
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  } catch {
+    throw Object.assign(new HttpError(400, "invalid_utf8", `${what} is not valid UTF-8`), { type: "encoding.invalid" });
+  }
+}
+
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+const wellFormed = (text: string): boolean => !LONE_SURROGATE.test(text);
+
+/** Text holding a lone surrogate (a JSON escape such as "\ud800") cannot be stored as UTF-8. */
+function assertWellFormed(value: unknown, path: string): void {
+  if (typeof value === "string") {
+    if (!wellFormed(value)) throw new HttpError(400, "invalid_utf8", `the JSON body has text that is not valid Unicode at ${path} (a lone surrogate such as \\ud800)`);
+  } else if (Array.isArray(value)) {
+    value.forEach((v, i) => assertWellFormed(v, `${path}[${i}]`));
+  } else if (value !== null && typeof value === "object") {
+    for (const [k, v] of Object.entries(value)) {
+      if (!wellFormed(k)) throw new HttpError(400, "invalid_utf8", `the JSON body has a key that is not valid Unicode at ${path}`);
+      assertWellFormed(v, `${path}.${k}`);
+    }
+  }
+}
+
+/**
+ * Parses JSON bodies (strict UTF-8, no lone surrogates; a charset other than UTF-8
+ * is 415, as RFC 8259 has JSON travel as UTF-8). With `only: true`, a body of any other type is refused with 415,
+ * except on the paths in `otherTypes` (their routes parse their own type).
+ */
+export function jsonBody(opts: { limit: string; only?: boolean; otherTypes?: RegExp; reviver?: (key: string, value: unknown) => unknown }) {
+  const parse = express.json({
+    limit: opts.limit,
+    reviver: opts.reviver,
+    type: JSON_TYPES,
+    verify: (_req, _res, buf) => void assertUtf8(buf, "the JSON body"),
+  });
+  return (req: Request, res: Response, next: NextFunction): void => {
+    if (opts.only && hasBody(req) && !req.is(JSON_TYPES) && !opts.otherTypes?.test(req.path)) {
+      next(new HttpError(415, "unsupported_media_type", `send the body as JSON (content-type: application/json), not ${req.headers["content-type"] ?? "without a content-type"}`));
+      return;
+    }
+    const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1];
+    if (charset !== undefined && req.is(JSON_TYPES) && !/^utf-?8$/i.test(charset)) {
+      next(new HttpError(415, "unsupported_charset", `JSON must be sent as UTF-8 (got charset ${JSON.stringify(charset)})`));
+      return;
+    }
+    parse(req, res, (error?: unknown) => {
+      if (error) return next(error);
+      try {
+        if (req.body !== undefined) assertWellFormed(req.body, "$");
+      } catch (e) {
+        return next(e);
+      }
+      next();
+    });
+  };
+}
