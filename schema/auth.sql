@@ -143,7 +143,7 @@ CREATE OR REPLACE FUNCTION snapbase.clear_sign_in_lock(account_or_address text)
  RETURNS integer
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   cleared integer;
@@ -164,7 +164,7 @@ CREATE OR REPLACE FUNCTION snapbase.create_agent_token(workbook_id bigint, name 
  RETURNS text
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   wb snapbase.workbooks := snapbase_private.require_workbook(workbook_id, 'edit');
@@ -191,7 +191,7 @@ CREATE OR REPLACE FUNCTION snapbase.create_api_token(name text, scopes text[], e
  RETURNS text
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   me snapbase.users := snapbase.current_user();
@@ -236,7 +236,7 @@ CREATE OR REPLACE FUNCTION snapbase.create_stream_token()
  RETURNS snapbase.jwt_claims
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   me snapbase.users := snapbase.current_user();
@@ -259,7 +259,7 @@ CREATE OR REPLACE FUNCTION snapbase.create_user(email text, password text, role 
  RETURNS snapbase.users
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   created snapbase.users;
@@ -334,7 +334,7 @@ CREATE OR REPLACE FUNCTION snapbase.revoke_all_sessions(user_id bigint DEFAULT N
  RETURNS integer
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   target bigint := coalesce(revoke_all_sessions.user_id, snapbase.current_user_id());
@@ -363,7 +363,7 @@ CREATE OR REPLACE FUNCTION snapbase.revoke_api_token(token_id bigint)
  RETURNS snapbase.api_tokens
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   revoked snapbase.api_tokens;
@@ -386,7 +386,7 @@ CREATE OR REPLACE FUNCTION snapbase.set_user_disabled(user_id bigint, disabled b
  RETURNS snapbase.users
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   changed snapbase.users;
@@ -421,7 +421,7 @@ CREATE OR REPLACE FUNCTION snapbase.set_user_role(user_id bigint, role snapbase.
  RETURNS snapbase.users
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   before snapbase.users;
@@ -451,7 +451,7 @@ CREATE OR REPLACE FUNCTION snapbase.sign_out()
  RETURNS boolean
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   ended bigint;
@@ -486,7 +486,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.attempt_login(email text, password t
  RETURNS snapbase_private.login_result
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   account_key constant text := lower(btrim(coalesce(email, '')));
@@ -607,6 +607,17 @@ grant execute on function snapbase_private.current_token_id() to :ROLE_AGENT;
 grant execute on function snapbase_private.current_token_id() to :ROLE_ANONYMOUS;
 grant execute on function snapbase_private.current_token_id() to :ROLE_VIEWER;
 
+CREATE OR REPLACE FUNCTION snapbase_private.current_user_email()
+ RETURNS text
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select lower(u.email) from snapbase.users u where u.id = snapbase.current_user_id()
+$function$;
+comment on function snapbase_private.current_user_email() is 'The signed-in user''s email as the users table has it now (not the JWT''s claim), lower-case; NULL without a user.';
+grant execute on function snapbase_private.current_user_email() to :ROLE_VIEWER;
+
 CREATE OR REPLACE FUNCTION snapbase_private.db_role(app_role text)
  RETURNS name
  LANGUAGE sql
@@ -640,7 +651,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.resolve_api_token(secret text)
  RETURNS TABLE(token_id bigint, user_id bigint, email text, role text, scopes text[], workbook_id bigint)
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   t snapbase.api_tokens;
@@ -674,7 +685,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.resolve_session(session_id bigint, u
  RETURNS TABLE(email text, role text)
  LANGUAGE sql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   select u.email, u.role::text
     from snapbase_private.sessions s join snapbase.users u on u.id = s.user_id

@@ -26,13 +26,28 @@ create type snapbase_private.probe_result as (
   params integer[],
   command_type integer,
   statements integer,
-  tree text
+  tree text,
+  whole_row boolean
 );
 comment on type snapbase_private.probe_result is 'What probe_user_text found in user text: problems, relations read and written, columns, parameters, the top statement, and the parse tree itself.';
 
 -- ============================================================================
 -- Functions
 -- ============================================================================
+
+CREATE OR REPLACE FUNCTION snapbase_private.assert_tree_readable(problem text)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ IMMUTABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+begin
+  if problem is not null then
+    raise exception 'the parse tree could not be read (%): refused', problem using errcode = '42501';
+  end if;
+  return true;
+end;
+$function$;
 
 CREATE OR REPLACE FUNCTION snapbase_private.function_allowed(fn oid, purpose text)
  RETURNS boolean
@@ -81,6 +96,12 @@ AS $function$
                              'cursor_to_xmlschema', 'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema',
                              'database_to_xml', 'database_to_xmlschema', 'database_to_xml_and_xmlschema')
        and p.proname !~ '^(pg_|lo_|has_|to_reg|txid_|pg_stat|dblink)'
+       -- Functions handed an object identifier open, lock or describe that object.
+       and (p.proname in ('nextval', 'currval')  -- only the table's own sequences: the relation check and the runner's grants
+            or not exists (select 1 from unnest(p.proargtypes::oid[]) a where format_type(a, null) = 'oid' or format_type(a, null) ~ '^reg'))
+       and p.proname not in ('satisfies_hash_partition')
+       -- A filter is evaluated for every row: nothing that builds values of any size from a number.
+       and not (purpose = 'filter' and p.proname in ('repeat', 'lpad', 'rpad', 'array_fill', 'generate_series'))
       from pg_proc p where p.oid = fn), false)
 $function$;
 comment on function snapbase_private.function_allowed(oid,text) is 'The allow-list for user text: built-in functions that only compute on their arguments (immutable ones, and the named stable and volatile ones). Everything that reads settings, catalogs, files or tables, runs SQL, or changes session state is refused.';
@@ -88,29 +109,40 @@ comment on function snapbase_private.function_allowed(oid,text) is 'The allow-li
 CREATE OR REPLACE FUNCTION snapbase_private.node_fields(tree text)
  RETURNS TABLE(node bigint, depth bigint, node_type text, field text, value text)
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE STRICT
- SET search_path TO 'pg_catalog'
+ IMMUTABLE STRICT
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-  with tokens as (
+  with tokens as materialized (
+    -- A constant's datum prints as `:constvalue <length> [ b1 b2 … ]`, one token per
+    -- byte: most of a large change's tree, and nothing that is checked. (A user's
+    -- name cannot forge this: its spaces are backslash-escaped.)
     select t.ord, t.m[1] as tok
-      from regexp_matches(tree, '(\{[A-Za-z_0-9]+|\}|\(|\)|<>|"(?:[^"\\]|\\.)*"|\[[^\]]*\]|(?:[^\s(){}"\\]|\\.)+)', 'g')
-           with ordinality as t(m, ord)
-  ), depths as (
+      from regexp_matches(regexp_replace(tree, '(:constvalue [0-9]+ )\[[ 0-9-]*\]', '\1[]', 'g'),
+                          '([{}()]|(?:[^\s{}()\\]|\\.)+)', 'g') with ordinality as t(m, ord)
+  ), runs as materialized (
     select ord, tok,
-           sum(case when left(tok, 1) = '{' then 1 when tok = '}' then -1 else 0 end) over (order by ord) as depth,
+           sum(case when tok = '{' then 1 when tok = '}' then -1 else 0 end) over (order by ord) as depth,
+           -- Consecutive `:x` tokens alternate label, value: the run's first follows a non-label.
+           count(*) filter (where left(tok, 1) <> ':') over (order by ord) as run,
            lead(tok) over (order by ord) as next_tok
       from tokens
-  ), owned as (
+  ), classified as materialized (
     select ord, tok, depth, next_tok,
-           max(case when left(tok, 1) = '{' then ord end) over (partition by depth order by ord) as owner
-      from depths
+           left(tok, 1) = ':' and row_number() over (partition by run order by ord) % 2 = 0 as label,
+           max(case when tok = '{' then ord end) over (partition by depth order by ord) as owner
+      from runs
+  ), readable as (
+    select snapbase_private.assert_tree_readable(case
+             when exists (select 1 from runs where depth < 0) then 'unbalanced braces'
+             when (select r.depth from runs r order by r.ord desc limit 1) <> 0 then 'unbalanced braces'
+             when exists (select 1 from runs where tok = '{' and coalesce(next_tok, '') !~ '^[A-Z][A-Z0-9_]*$') then 'a node without a name'
+           end) as ok
   )
-  select o.owner, o.depth, substr(n.tok, 2), substr(o.tok, 2), o.next_tok
-    from owned o join owned n on n.ord = o.owner
-   where left(o.tok, 1) = ':' and o.next_tok is not null
-     and left(o.next_tok, 1) not in (':', '{', '(', ')', '}', '[')
+  select o.owner, o.depth, n.next_tok, substr(o.tok, 2), o.next_tok
+    from classified o join classified n on n.ord = o.owner
+   where (select ok from readable) and o.label and o.next_tok is not null and o.next_tok not in (')', '}')
 $function$;
-comment on function snapbase_private.node_fields(text) is 'Scalar fields of a PostgreSQL parse tree as printed by nodeToString (pg_proc.prosqlbody). Used to check user text before it runs.';
+comment on function snapbase_private.node_fields(text) is 'The fields of a PostgreSQL parse tree (pg_proc.prosqlbody) as (node, depth, node type, field, value), tokenized as pg_strtok does; a field whose value is a node or a list has the value { or (. Raises on a tree it cannot read.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.operator_allowed(op oid, purpose text)
  RETURNS boolean
@@ -128,7 +160,8 @@ CREATE OR REPLACE FUNCTION snapbase_private.probe_user_text(body_prefix text, bo
  RETURNS snapbase_private.probe_result
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   probe_name text := 'probe_' || md5(random()::text || clock_timestamp()::text);
@@ -175,12 +208,6 @@ begin
                              case d.refclassid when 'pg_proc'::regclass then d.refobjid::regprocedure::text else d.refobjid::regoperator::text end)
         from pg_depend d
        where d.classid = 'pg_proc'::regclass and d.objid = probe and d.refclassid in ('pg_proc'::regclass, 'pg_operator'::regclass));
-    -- Relations written: requiredPerms has INSERT (1), UPDATE (4) or DELETE (8).
-    select coalesce(array_agg(distinct r.relid), '{}') into result.written
-      from (select f.node, f.value::oid as relid from snapbase_private.node_fields(tree) f
-             where f.node_type in ('RANGETBLENTRY', 'RTEPERMISSIONINFO') and f.field = 'relid' and f.value ~ '^\d+$' and f.value <> '0') r
-      join snapbase_private.node_fields(tree) p on p.node = r.node and p.field = 'requiredPerms' and p.value ~ '^\d+$'
-     where p.value::int & 13 <> 0;
     -- $1-style references would mean something else where the text finally runs.
     -- The tree cannot tell `$1` from the first parameter's name (and PostgreSQL 16+
     -- stores no locations), so the text is analysed again with one more parameter
@@ -203,14 +230,22 @@ begin
         result.problems := result.problems || 'positional parameters ($1)'::text;
       end;
     end if;
-    -- Parameters of the probe (PARAM_EXTERN, kind 0): for filters, the columns used.
-    select coalesce(array_agg(distinct f.value::int order by f.value::int), '{}') into result.params
-      from snapbase_private.node_fields(tree) f
-      join snapbase_private.node_fields(tree) k on k.node = f.node and k.field = 'paramkind' and k.value = '0'
-     where f.node_type = 'PARAM' and f.field = 'paramid' and f.value ~ '^\d+$';
-    -- Top-level statements are the QUERY nodes at depth 1.
-    select min(f.value::int), count(*) into result.command_type, result.statements
-      from snapbase_private.node_fields(tree) f where f.node_type = 'QUERY' and f.depth = 1 and f.field = 'commandType';
+    -- One pass over the tree for the rest: relations written (requiredPerms has INSERT 1,
+    -- UPDATE 4 or DELETE 8), the probe's parameters used (PARAM_EXTERN, kind 0: for
+    -- filters, the columns), the top-level statements (QUERY nodes at depth 1), and
+    -- whole-row references (a Var of attribute 0 reads every column).
+    with f as materialized (select * from snapbase_private.node_fields(tree))
+    select coalesce((select array_agg(distinct r.value::oid) from f r
+                       join f p on p.node = r.node and p.field = 'requiredPerms' and p.value ~ '^\d+$' and p.value::int & 13 <> 0
+                      where r.node_type in ('RANGETBLENTRY', 'RTEPERMISSIONINFO') and r.field = 'relid' and r.value ~ '^\d+$'
+                        and r.value <> '0'), '{}'),
+           coalesce((select array_agg(distinct x.value::int order by x.value::int) from f x
+                       join f k on k.node = x.node and k.field = 'paramkind' and k.value = '0'
+                      where x.node_type = 'PARAM' and x.field = 'paramid' and x.value ~ '^\d+$'), '{}'),
+           (select min(q.value::int) from f q where q.node_type = 'QUERY' and q.depth = 1 and q.field = 'commandType'),
+           (select count(*) from f q where q.node_type = 'QUERY' and q.depth = 1 and q.field = 'commandType'),
+           exists (select 1 from f v where v.node_type = 'VAR' and v.field = 'varattno' and v.value = '0')
+      into result.written, result.params, result.command_type, result.statements, result.whole_row;
     result.tree := tree;
     -- Undo the probe (and anything the DDL did) by failing this block on purpose.
     raise exception 'probe done' using errcode = 'SBPRB';
@@ -310,7 +345,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tree_problems(tree text, purpose tex
  STABLE
  SET search_path TO 'pg_catalog'
 AS $function$
-  with f as (select * from snapbase_private.node_fields(tree)),
+  with f as materialized (select * from snapbase_private.node_fields(tree)),
   node_types as (select distinct node_type from f),
   allowed_nodes(name) as (
     select unnest(array[
@@ -383,7 +418,8 @@ CREATE OR REPLACE FUNCTION snapbase_sandbox.read_ids(query text, args text[])
  RETURNS bigint[]
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   result bigint[];
@@ -399,7 +435,8 @@ CREATE OR REPLACE FUNCTION snapbase_sandbox.read_jsonb(query text, args text[])
  RETURNS jsonb
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   result jsonb;
@@ -416,7 +453,8 @@ CREATE OR REPLACE FUNCTION snapbase_sandbox.read_text_rows(query text, args text
  RETURNS SETOF text[]
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 begin
   return query execute query using args;
@@ -429,7 +467,8 @@ CREATE OR REPLACE FUNCTION snapbase_sandbox.run_change(change_sql text, path tex
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   n bigint;

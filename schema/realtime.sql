@@ -27,7 +27,7 @@ CREATE OR REPLACE FUNCTION snapbase.visible_event(event_id bigint)
  RETURNS jsonb
  LANGUAGE sql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   select v from snapbase_private.events e, snapbase.visible_events(e.topic, e.id - 1, 1) v
    where e.id = event_id and (v ->> 'id')::bigint = event_id
@@ -39,7 +39,7 @@ CREATE OR REPLACE FUNCTION snapbase.visible_events(topic text, after_id bigint D
  RETURNS SETOF jsonb
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 begin
   if topic = 'changes' then
@@ -50,17 +50,27 @@ begin
         join snapbase.managed_tables m on m.id = (e.payload ->> 'managed_table_id')::bigint
        where e.topic = 'changes' and e.id > coalesce(after_id, 0) and snapbase_private.can_read(m)
        order by e.id limit max_events;
-  elsif topic ~ '^(workbook|account):\d+$' then
+  elsif topic ~ '^(workbook|account):\d{1,18}$' then
     if topic like 'workbook:%' then
       perform snapbase_private.require_workbook(split_part(topic, ':', 2)::bigint, 'read');
     else
       perform snapbase_private.require_account(split_part(topic, ':', 2)::bigint);
     end if;
+    -- An event about a table is shown to an agent only while that table exists and is
+    -- not hidden, or when it says a table the agent could see was removed.
     return query
-      select jsonb_build_object('id', e.id, 'topic', e.topic, 'kind', e.kind) || e.payload
+      select jsonb_build_object('id', e.id, 'topic', e.topic, 'kind', e.kind) || (e.payload - 'hidden')
         from snapbase_private.events e
        where e.topic = visible_events.topic and e.id > coalesce(after_id, 0)
+         and (e.payload ->> 'table_id' is null or snapbase.current_app_role() is distinct from 'agent'
+              or exists (select 1 from snapbase.workbook_tables wt
+                          where wt.id = (e.payload ->> 'table_id')::bigint and not wt.hidden)
+              or (e.kind = 'table_removed' and e.payload -> 'hidden' = 'false'::jsonb))
        order by e.id limit max_events;
+  elsif topic ~ '^(workbook|account):\d+$' then
+    -- An id too large to exist: the same answer as any other missing one.
+    raise exception 'no % %', case when topic like 'workbook:%' then 'workbook' else 'connector account' end, split_part(topic, ':', 2)
+      using errcode = 'P0002';
   else
     raise exception 'topic must be changes, workbook:<id> or account:<id> (got %)', topic using errcode = '22023';
   end if;
@@ -102,7 +112,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.emit(topic text, kind text, payload 
  RETURNS void
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   event jsonb;
@@ -130,7 +140,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__add_record_event_triggers()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 begin
   perform snapbase_private.add_record_event_triggers(new.id);
@@ -143,7 +153,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__change_event()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 begin
   if tg_op = 'INSERT' then
@@ -163,7 +173,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__job_event()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 begin
   if tg_op = 'UPDATE' and (new.state, new.done, new.total) is not distinct from (old.state, old.done, old.total) then
@@ -181,31 +191,31 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__records_event()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   affected bigint;
   what text;
 begin
   if tg_op = 'INSERT' then
-    select count(*), case when bool_and(__suggested_new) then 'suggested' when bool_and(__seen_job is not null) then 'downloaded' else 'created' end
-      into affected, what from new_rows;
+    select count(*), case when bool_and(__sb_n.__suggested_new) then 'suggested' when bool_and(__sb_n.__seen_job is not null) then 'downloaded' else 'created' end
+      into affected, what from new_rows __sb_n;
   elsif tg_op = 'DELETE' then
-    select count(*), case when bool_and(__suggested_new) then 'rejected' else 'deleted' end into affected, what from old_rows;
+    select count(*), case when bool_and(__sb_o.__suggested_new) then 'rejected' else 'deleted' end into affected, what from old_rows __sb_o;
   else
     select count(*),
            case
-             when bool_or(data_changed and n.__suggested <> o.__suggested) then 'accepted'
-             when bool_or(n.__publish is distinct from o.__publish) then 'published'
-             when bool_or(data_changed) then 'edited'
-             when bool_or(not (o.__suggested @> n.__suggested) or n.__suggest_delete is not null and o.__suggest_delete is null) then 'suggested'
-             when bool_or(n.__suggested <> o.__suggested or n.__suggest_delete is distinct from o.__suggest_delete) then 'rejected'
+             when bool_or(__sb_c.data_changed and __sb_n.__suggested <> __sb_o.__suggested) then 'accepted'
+             when bool_or(__sb_n.__publish is distinct from __sb_o.__publish) then 'published'
+             when bool_or(__sb_c.data_changed) then 'edited'
+             when bool_or(not (__sb_o.__suggested @> __sb_n.__suggested) or __sb_n.__suggest_delete is not null and __sb_o.__suggest_delete is null) then 'suggested'
+             when bool_or(__sb_n.__suggested <> __sb_o.__suggested or __sb_n.__suggest_delete is distinct from __sb_o.__suggest_delete) then 'rejected'
              else 'updated'
            end
       into affected, what
-      from new_rows n join old_rows o on o.__id = n.__id,
-           lateral (select (to_jsonb(n) - snapbase_private.record_meta_columns()) is distinct from (to_jsonb(o) - snapbase_private.record_meta_columns())
-                             or n.__deleted <> o.__deleted as data_changed) c;
+      from new_rows __sb_n join old_rows __sb_o on __sb_o.__id = __sb_n.__id,
+           lateral (select (to_jsonb(__sb_n.*) - snapbase_private.record_meta_columns()) is distinct from (to_jsonb(__sb_o.*) - snapbase_private.record_meta_columns())
+                             or __sb_n.__deleted <> __sb_o.__deleted as data_changed) __sb_c;
   end if;
   -- A bulk edit announces itself once, at its end.
   -- 'updated' alone (edit flags, timestamps) is bookkeeping that follows another event.
@@ -222,7 +232,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__snapshot_event()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 begin
   perform snapbase_private.emit('changes', 'snapshot_created', jsonb_build_object('snapshot_id', new.id,
@@ -237,13 +247,13 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__table_settings_event()
  RETURNS trigger
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 begin
   if tg_op = 'DELETE' then
     -- Gone with its workbook: nobody is left to tell.
     if exists (select 1 from snapbase.workbooks where id = old.workbook_id) then
-      perform snapbase_private.emit('workbook:' || old.workbook_id, 'table_removed', jsonb_build_object('table_id', old.id));
+      perform snapbase_private.emit('workbook:' || old.workbook_id, 'table_removed', jsonb_build_object('table_id', old.id, 'hidden', old.hidden));
     end if;
   else
     perform snapbase_private.emit('workbook:' || new.workbook_id,

@@ -104,6 +104,7 @@ CREATE OR REPLACE FUNCTION snapbase.restore_snapshot(snapshot_id bigint, reason 
  RETURNS snapbase.change_requests
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog'
+ SET client_min_messages TO 'warning'
 AS $function$
 declare
   snap snapbase.snapshots;
@@ -121,17 +122,18 @@ begin
   perform snapbase_private.restore_fit(snap, target);
   cr := snapbase_private.store_change_request(mt, 'restore', snapbase_private.describe_restore(snap, target), null,
           coalesce(reason, format('restore snapshot %s', snap.id)), snap.id);
+  -- A failure is recorded and raised as a WARNING there (psql shows it).
   return snapbase.approve_change(cr.id);
 end;
 $function$;
-comment on function snapbase.restore_snapshot(bigint,text) is 'Put the live table back to a snapshot, as a restore change request that is approved, snapshotted and audited at once (admins).';
+comment on function snapbase.restore_snapshot(bigint,text) is 'Put the live table back to a snapshot, as a restore change request that is approved, snapshotted and audited at once (admins). Columns dropped since are not restored; columns added since keep or default their values. A failure is recorded on the request and raised as a WARNING.';
 grant execute on function snapbase.restore_snapshot(bigint,text) to :ROLE_VIEWER;
 
 CREATE OR REPLACE FUNCTION snapbase.snapshot_diff(from_id bigint, to_id bigint)
  RETURNS SETOF snapbase.snapshot_diff_row
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
  SET "DateStyle" TO 'ISO, YMD'
  SET "IntervalStyle" TO 'postgres'
  SET "TimeZone" TO 'UTC'
@@ -193,7 +195,7 @@ CREATE OR REPLACE FUNCTION snapbase.snapshot_rows(snapshot_id bigint, offset_row
  RETURNS TABLE(ordinal bigint, "row" jsonb)
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
  SET "DateStyle" TO 'ISO, YMD'
  SET "IntervalStyle" TO 'postgres'
  SET "TimeZone" TO 'UTC'
@@ -227,7 +229,7 @@ CREATE OR REPLACE FUNCTION snapbase.take_snapshot(target regclass, reason text D
  RETURNS snapbase.snapshots
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   mt snapbase.managed_tables;
@@ -255,51 +257,121 @@ CREATE OR REPLACE FUNCTION snapbase_private.apply_restore(snapshot_id bigint, ta
  SET "TimeZone" TO 'UTC'
  SET extra_float_digits TO '3'
  SET bytea_output TO 'hex'
+ SET client_min_messages TO 'warning'
 AS $function$
 declare
   snap snapbase.snapshots;
   layout text;
   pk text[];
-  writable text[];
+  shared text[];      -- columns both the snapshot and the table have, in table order
+  writable text[];    -- of those, the ones not generated
+  settable text[];    -- of those, the ones an UPDATE may set (not key, not identity always)
+  fixed text[];       -- non-key GENERATED ALWAYS identity columns: a difference means delete and insert
+  key_name text := '__snapbase_key';
+  count_name text := '__snapbase_occurrence';
   key_match text;
+  row_t text;
+  row_s text;
   n bigint;
   total bigint := 0;
+  col text;
+  seq regclass;
+  inc bigint;
+  next_value numeric;
+  top numeric;
 begin
   select * into snap from snapbase.snapshots s where s.id = snapshot_id;
   perform snapbase_private.restore_fit(snap, target);
   layout := snapbase_private.layout_type(snap.layout_id);
   pk := snap.primary_key;
-  writable := array(select a.attname::text from pg_attribute a
-                     where a.attrelid = target and a.attnum > 0 and not a.attisdropped and a.attgenerated = ''
-                     order by a.attnum);
-  drop table if exists snapbase_restore_source;
-  execute format('create temp table snapbase_restore_source on commit drop as select (r::%s).* from snapbase_private.snapshot_records($1) r', layout)
+  select coalesce(array_agg(c.name order by c.ord) filter (where true), '{}'),
+         coalesce(array_agg(c.name order by c.ord) filter (where not c.generated), '{}'),
+         coalesce(array_agg(c.name order by c.ord) filter (where not c.generated and not c.is_key and not c.identity_always), '{}'),
+         coalesce(array_agg(c.name order by c.ord) filter (where not c.generated and not c.is_key and c.identity_always), '{}')
+    into shared, writable, settable, fixed
+    from snapbase_private.restore_columns(snap, target) c
+   where c.snapshot_type is not null and c.table_type is not null;
+  -- Names of our own bookkeeping columns, unlike any of the table's.
+  while key_name = any (shared) loop key_name := key_name || '_'; end loop;
+  while count_name = any (shared) loop count_name := count_name || '_'; end loop;
+
+  -- The snapshot's rows (the columns the table still has); for tables without a key,
+  -- each with its values' text and, among equal rows, its occurrence number.
+  if to_regclass('pg_temp.snapbase_restore_source') is not null then
+    drop table pg_temp.snapbase_restore_source;
+  end if;
+  row_s := format('row(%s)::text', (select string_agg(format('(x.rec).%I', c), ', ') from unnest(shared) c));
+  execute format($q$
+    create temp table snapbase_restore_source on commit drop as
+    select %1$s%2$s
+      from (select src.rec::%3$s as rec from snapbase_private.snapshot_records($1) as src(rec) offset 0) x
+    $q$, (select string_agg(format('(x.rec).%1$I as %1$I', c), ', ') from unnest(shared) c),
+    case when pk is null then format(', %1$s as %2$I, row_number() over (partition by %1$s) as %3$I', row_s, key_name, count_name) else '' end,
+    layout)
     using snap.id;
+  execute 'analyze pg_temp.snapbase_restore_source';
+
+  row_t := format('row(%s)::text', (select string_agg(format('t.%I', c), ', ') from unnest(shared) c));
   if pk is not null then
     key_match := (select string_agg(format('t.%1$I = s.%1$I', c), ' and ') from unnest(pk) c);
-    execute format('delete from %s t where not exists (select 1 from snapbase_restore_source s where %s)', target, key_match);
+    -- Rows the snapshot lacks, and rows whose non-key identity value cannot be updated back.
+    execute format('delete from %s t where not exists (select 1 from pg_temp.snapbase_restore_source s where %s%s)',
+      target, key_match,
+      case when cardinality(fixed) > 0 then format(' and row(%s)::text is not distinct from row(%s)::text',
+        (select string_agg(format('t.%I', c), ', ') from unnest(fixed) c), (select string_agg(format('s.%I', c), ', ') from unnest(fixed) c))
+      else '' end);
     get diagnostics n = row_count; total := total + n;
-    execute format('update %s t set %s from snapbase_restore_source s where %s and row(%s)::text is distinct from row(%s)::text',
-      target,
-      (select string_agg(format('%1$I = s.%1$I', c), ', ') from unnest(writable) c),
-      key_match,
-      (select string_agg(format('t.%I', c), ', ') from unnest(writable) c),
-      (select string_agg(format('s.%I', c), ', ') from unnest(writable) c));
-    get diagnostics n = row_count; total := total + n;
-    execute format('insert into %1$s (%2$s) overriding system value select %2$s from snapbase_restore_source s where not exists (select 1 from %1$s t where %3$s)',
-      target, (select string_agg(format('%I', c), ', ') from unnest(writable) c), key_match);
+    if cardinality(settable) > 0 then
+      execute format('update %s t set %s from pg_temp.snapbase_restore_source s where %s and row(%s)::text is distinct from row(%s)::text',
+        target,
+        (select string_agg(format('%1$I = s.%1$I', c), ', ') from unnest(settable) c),
+        key_match,
+        (select string_agg(format('t.%I', c), ', ') from unnest(settable) c),
+        (select string_agg(format('s.%I', c), ', ') from unnest(settable) c));
+      get diagnostics n = row_count; total := total + n;
+    end if;
+    execute format('insert into %1$s (%2$s) overriding system value select %3$s from pg_temp.snapbase_restore_source s where not exists (select 1 from %1$s t where %4$s)',
+      target, (select string_agg(format('%I', c), ', ') from unnest(writable) c),
+      (select string_agg(format('s.%I', c), ', ') from unnest(writable) c), key_match);
     get diagnostics n = row_count; total := total + n;
   else
-    execute format('delete from %s t where not exists (select 1 from snapbase_restore_source s where s::text = t::text)', target);
+    -- The k-th copy of a row stays when the snapshot has at least k copies of it.
+    execute format($q$
+      with live as (
+        select t.tableoid as rel, t.ctid as tid, %2$s as k, row_number() over (partition by %2$s order by t.tableoid, t.ctid) as occurrence
+          from %1$s t)
+      delete from %1$s t using live l
+       where t.tableoid = l.rel and t.ctid = l.tid
+         and not exists (select 1 from pg_temp.snapbase_restore_source s where s.%3$I = l.k and s.%4$I = l.occurrence)
+      $q$, target, row_t, key_name, count_name);
     get diagnostics n = row_count; total := total + n;
-    execute format('insert into %1$s (%2$s) overriding system value select %2$s from snapbase_restore_source s where not exists (select 1 from %1$s t where s::text = t::text)',
-      target, (select string_agg(format('%I', c), ', ') from unnest(writable) c));
+    execute format($q$
+      with live as (select %2$s as k, count(*) as copies from %1$s t group by 1)
+      insert into %1$s (%3$s) overriding system value
+      select %4$s from pg_temp.snapbase_restore_source s left join live l on l.k = s.%5$I
+       where s.%6$I > coalesce(l.copies, 0)
+      $q$, target, row_t, (select string_agg(format('%I', c), ', ') from unnest(writable) c),
+      (select string_agg(format('s.%I', c), ', ') from unnest(writable) c), key_name, count_name);
     get diagnostics n = row_count; total := total + n;
   end if;
-  drop table snapbase_restore_source;
+  drop table pg_temp.snapbase_restore_source;
+
+  -- Identity and serial sequences go past the values put back (when the owner may move them).
+  foreach col in array writable loop
+    seq := pg_get_serial_sequence(target::text, col)::regclass;
+    continue when seq is null or not has_sequence_privilege(seq, 'SELECT') or not has_sequence_privilege(seq, 'UPDATE');
+    select s.seqincrement into inc from pg_sequence s where s.seqrelid = seq;
+    continue when inc <= 0;
+    execute format('select max(t.%I)::numeric from %s t', col, target) into top;
+    next_value := coalesce(pg_sequence_last_value(seq) + inc, (select s.seqstart from pg_sequence s where s.seqrelid = seq));
+    if top is not null and top >= next_value then
+      perform setval(seq, top::bigint, true);
+    end if;
+  end loop;
   return total;
 end;
 $function$;
+comment on function snapbase_private.apply_restore(bigint,regclass) is 'Puts a managed table back to a snapshot with the fewest row operations (by primary key, or by whole rows counting duplicates); runs as the owner inside approve_change.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.binary_chunk_store(layout snapbase_private.row_layouts)
  RETURNS text
@@ -370,7 +442,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.capture_for_change(cr snapbase.chang
  RETURNS snapbase.snapshots
  LANGUAGE sql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   select snapbase_private.capture_snapshot(m, cr.id, coalesce(cr.reason, format('change request %s', cr.id)))
     from snapbase.managed_tables m where m.id = cr.managed_table_id
@@ -380,13 +452,14 @@ CREATE OR REPLACE FUNCTION snapbase_private.capture_snapshot(mt snapbase.managed
  RETURNS snapbase.snapshots
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
  SET "DateStyle" TO 'ISO, YMD'
  SET "IntervalStyle" TO 'postgres'
  SET "TimeZone" TO 'UTC'
  SET extra_float_digits TO '3'
  SET bytea_output TO 'hex'
  SET jit TO 'off'
+ SET client_min_messages TO 'warning'
 AS $function$
 declare
   target regclass := snapbase_private.relation_of(mt);
@@ -561,15 +634,20 @@ CREATE OR REPLACE FUNCTION snapbase_private.describe_restore(snap snapbase.snaps
  STABLE
  SET search_path TO 'pg_catalog'
 AS $function$
-  select case when snap.primary_key is not null then format(
-    E'-- restore %1$s to snapshot %2$s (%3$s rows), by primary key (%4$s):\n'
-    '-- DELETE rows whose key is not in the snapshot;\n'
-    '-- UPDATE rows whose values differ from the snapshot;\n'
-    '-- INSERT snapshot rows whose key is missing.',
-    target, snap.id, snap.record_count, array_to_string(snap.primary_key, ', '))
-  else format(E'-- restore %1$s to snapshot %2$s (%3$s rows); no primary key:\n'
-    '-- DELETE rows not in the snapshot and INSERT snapshot rows not in the table (matching whole rows).',
-    target, snap.id, snap.record_count) end
+  select concat_ws(E'\n',
+    case when snap.primary_key is not null then format(
+      E'-- restore %1$s to snapshot %2$s (%3$s rows), by primary key (%4$s):\n'
+      '-- DELETE rows whose key is not in the snapshot;\n'
+      '-- UPDATE rows whose values differ from the snapshot;\n'
+      '-- INSERT snapshot rows whose key is missing.',
+      target, snap.id, snap.record_count, array_to_string(snap.primary_key, ', '))
+    else format(E'-- restore %1$s to snapshot %2$s (%3$s rows); no primary key:\n'
+      '-- DELETE rows not in the snapshot and INSERT snapshot rows not in the table (matching whole rows, duplicates counted).',
+      target, snap.id, snap.record_count) end,
+    (select '-- columns of the snapshot the table no longer has are not restored: ' || string_agg(quote_ident(c.name), ', ')
+       from snapbase_private.restore_columns(snap, target) c where c.table_type is null),
+    (select '-- columns added since keep their values on kept rows and take their defaults on rows put back: ' || string_agg(quote_ident(c.name), ', ')
+       from snapbase_private.restore_columns(snap, target) c where c.snapshot_type is null))
 $function$;
 grant execute on function snapbase_private.describe_restore(snapbase.snapshots,regclass) to :ROLE_ADMIN;
 
@@ -617,7 +695,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.layout_type(layout_id bigint)
  RETURNS text
  LANGUAGE sql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   select type_name from snapbase_private.row_layouts where id = layout_id
 $function$;
@@ -708,6 +786,29 @@ begin
 end;
 $function$;
 
+CREATE OR REPLACE FUNCTION snapbase_private.restore_columns(snap snapbase.snapshots, target regclass)
+ RETURNS TABLE(name text, snapshot_type text, table_type text, ord integer, generated boolean, identity_always boolean, is_key boolean, needs_value boolean)
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  with s as (
+    select c ->> 'name' as name, c ->> 'type' as type from jsonb_array_elements(snap.columns) c
+  ), a as (
+    select a.attname::text as name, format_type(a.atttypid, a.atttypmod) as type, a.attnum::integer as ord,
+           a.attgenerated <> '' as generated, a.attidentity = 'a' as identity_always,
+           a.attnotnull and not a.atthasdef and a.attidentity = '' and a.attgenerated = '' as needs_value
+      from pg_attribute a
+     where a.attrelid = target and a.attnum > 0 and not a.attisdropped
+  )
+  select coalesce(a.name, s.name), s.type, a.type, a.ord, coalesce(a.generated, false), coalesce(a.identity_always, false),
+         coalesce(a.name = any (snapbase_private.primary_key(target)), false), coalesce(a.needs_value, false)
+    from a full join s on s.name = a.name
+   order by a.ord nulls last, s.name
+$function$;
+comment on function snapbase_private.restore_columns(snapbase.snapshots,regclass) is 'The columns of a snapshot and of its table now, side by side (a name only one side has is null on the other): what a restore can put back.';
+grant execute on function snapbase_private.restore_columns(snapbase.snapshots,regclass) to :ROLE_ADMIN;
+
 CREATE OR REPLACE FUNCTION snapbase_private.restore_fit(snap snapbase.snapshots, target regclass)
  RETURNS void
  LANGUAGE plpgsql
@@ -715,22 +816,29 @@ CREATE OR REPLACE FUNCTION snapbase_private.restore_fit(snap snapbase.snapshots,
  SET search_path TO 'pg_catalog'
 AS $function$
 declare
-  now_cols jsonb := snapbase_private.table_columns(target);
-  missing text;
-  added text;
+  problems text[];
+  key_now text[] := snapbase_private.primary_key(target);
 begin
-  if now_cols = snap.columns then
-    return;
+  select coalesce(array_agg(p.problem order by p.ord), '{}') into problems from (
+    select c.ord, format('column %s: %s in the snapshot, %s now', quote_ident(c.name), c.snapshot_type, c.table_type) as problem
+      from snapbase_private.restore_columns(snap, target) c
+     where c.snapshot_type is not null and c.table_type is not null and c.snapshot_type <> c.table_type
+    union all
+    select c.ord, format('column %s is NOT NULL without a default, and the snapshot has no values for it', quote_ident(c.name))
+      from snapbase_private.restore_columns(snap, target) c
+     where c.snapshot_type is null and c.needs_value
+  ) p;
+  if snap.primary_key is distinct from key_now then
+    problems := format('the primary key was (%s), it is (%s) now',
+                       coalesce(array_to_string(snap.primary_key, ', '), 'none'), coalesce(array_to_string(key_now, ', '), 'none')) || problems;
   end if;
-  select string_agg(format('%s %s', c ->> 'name', c ->> 'type'), ', ') into missing
-    from jsonb_array_elements(snap.columns) c where not now_cols @> jsonb_build_array(c);
-  select string_agg(format('%s %s', c ->> 'name', c ->> 'type'), ', ') into added
-    from jsonb_array_elements(now_cols) c where not snap.columns @> jsonb_build_array(c);
-  raise exception 'snapshot % no longer fits %: the snapshot has (%) that the table lacks, the table has (%) that the snapshot lacks',
-    snap.id, snap.table_name, coalesce(missing, 'nothing'), coalesce(added, 'nothing')
-    using errcode = '42804';
+  if cardinality(problems) > 0 then
+    raise exception 'snapshot % no longer fits %: %', snap.id, snap.table_name, array_to_string(problems, '; ')
+      using errcode = '42804';
+  end if;
 end;
 $function$;
+comment on function snapbase_private.restore_fit(snapbase.snapshots,regclass) is 'Raises (42804, naming each column) when a snapshot cannot be restored into its table as it is now: a column changed type, a new NOT NULL column has no default, or the primary key changed.';
 grant execute on function snapbase_private.restore_fit(snapbase.snapshots,regclass) to :ROLE_ADMIN;
 
 CREATE OR REPLACE FUNCTION snapbase_private.snapshot_chunk_source(snap snapbase.snapshots)
@@ -752,7 +860,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.snapshot_records(snapshot_id bigint)
  RETURNS SETOF text
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   snap snapbase.snapshots;

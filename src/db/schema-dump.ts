@@ -265,7 +265,13 @@ class Renderer {
   placeholders(text: string): string {
     let out = text;
     for (const [name, placeholder] of [...this.roleNames].sort((a, b) => b[0].length - a[0].length)) {
-      if (placeholder === ":DATABASE_OWNER") continue; // only ever a grantee or an owner, rendered through role()
+      if (placeholder === ":DATABASE_OWNER") {
+        // Mostly a grantee or an owner, rendered through role(); in SQL text only as a whole
+        // string literal (registration_problems' ':DATABASE_OWNER'). Its name may be any word
+        // (DATABASE_URL's user), so nothing else is replaced.
+        out = out.replaceAll(`'${name.replace(/'/g, "''")}'`, `'${placeholder}'`);
+        continue;
+      }
       out = out.replace(new RegExp(`(?<![A-Za-z0-9_$])${name.replace(/[$]/g, "\\$")}(?![A-Za-z0-9_$])`, "g"), placeholder);
     }
     return out;
