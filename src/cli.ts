@@ -1,9 +1,10 @@
-// Entry point for the npm scripts: start | worker | migrate | migrate-commit | export-schema.
+// Entry point for the npm scripts: start | worker | migrate | migrate-commit | export-schema | dump-schema.
 import "./env.ts";
 import { writeFileSync } from "node:fs";
 import path from "node:path";
 import { ConfigError, loadConfig, type Config } from "./config.ts";
 import { prepareDatabase, type Database } from "./db/database.ts";
+import { dumpDrift, dumpFromMigrations, SchemaMappingError, schemaFolder, writeDump } from "./db/schema-dump.ts";
 import { commitMigration, projectRoot } from "./db/migrate.ts";
 import { demoUsersBanner, loadDemo } from "./demo/index.ts";
 import { log } from "./log.ts";
@@ -12,6 +13,9 @@ import { exportSchema } from "./server/schema-export.ts";
 import { startWorker, type Worker } from "./worker.ts";
 
 type Stoppable = { name: string; stop: () => Promise<void> };
+
+/** A command that ran and found a problem to report (exit status 1, its message, no stack). */
+class CommandFailed extends Error {}
 
 function onShutdown(parts: Stoppable[], drainMs: () => number): void {
   let stopping = false;
@@ -125,13 +129,33 @@ async function main(): Promise<void> {
       }
       return;
     }
+    case "dump-schema": {
+      // schema/*.sql: the current definition of every object, from a fresh database built
+      // from the migrations. --check: compare with schema/ instead of writing it (CI).
+      const db = await prepareDatabase(config);
+      try {
+        const files = await dumpFromMigrations(db.migrationTarget, { includeCurrent: config.env !== "production" });
+        const folder = path.relative(projectRoot, schemaFolder);
+        if (args.includes("--check")) {
+          const drift = dumpDrift(files);
+          if (drift.length) throw new CommandFailed(`${folder}/ does not match the migrations (${drift.join(", ")}): run \`npm run schema:dump\` and commit ${folder}/`);
+          log.info("the schema dump matches the migrations", { folder });
+        } else {
+          writeDump(files);
+          log.info("wrote the schema dump", { folder, files: [...files.keys()] });
+        }
+      } finally {
+        await db.stop();
+      }
+      return;
+    }
     default:
-      throw new Error(`unknown command ${JSON.stringify(command)} (start, worker, migrate, migrate-commit, export-schema)`);
+      throw new Error(`unknown command ${JSON.stringify(command)} (start, worker, migrate, migrate-commit, export-schema, dump-schema)`);
   }
 }
 
 main().catch((error: unknown) => {
-  if (error instanceof ConfigError) console.error(error.message);
+  if (error instanceof ConfigError || error instanceof SchemaMappingError || error instanceof CommandFailed) console.error(error.message);
   else log.error("fatal", { error: error instanceof Error ? (error.stack ?? error.message) : String(error) });
   process.exit(1);
 });

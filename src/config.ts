@@ -2,6 +2,7 @@
 // at once so a misconfigured deployment fails at start with every problem listed.
 import { isIP } from "node:net";
 import path from "node:path";
+import { urlParts, urlUser } from "./db/urls.ts";
 import { maskConnectionString } from "./redact.ts";
 
 export type Environment = "development" | "production" | "test";
@@ -143,11 +144,6 @@ export function roleNames(prefix: string, owner?: string): RoleNames {
   };
 }
 
-/** The user name in a postgres:// URL (the default is the OS user, as libpq does). */
-export function urlUser(url: string): string {
-  return decodeURIComponent(new URL(url).username) || process.env.PGUSER || process.env.USER || "postgres";
-}
-
 function parseBool(name: string, raw: string | undefined, fallback: boolean, problems: string[]): boolean {
   if (raw === undefined || raw === "") return fallback;
   if (/^(1|true|yes|on)$/i.test(raw)) return true;
@@ -169,9 +165,9 @@ function parseInt10(name: string, raw: string | undefined, fallback: number, min
 function parseDbUrl(name: string, raw: string | undefined, problems: string[]): string | undefined {
   if (raw === undefined || raw === "") return undefined;
   try {
-    const u = new URL(raw);
-    if (u.protocol !== "postgres:" && u.protocol !== "postgresql:") throw new Error("protocol");
-    if (!u.pathname || u.pathname === "/") {
+    const u = urlParts(raw);
+    if (u.protocol !== "postgres" && u.protocol !== "postgresql") throw new Error("protocol");
+    if (!u.database) {
       problems.push(`${name} must name a database (postgres://user@host:5432/dbname)`);
     }
     return raw;

@@ -5,17 +5,17 @@
 // seconds (see snapbase_private.recover_dead_workers), not after graphile-worker's
 // 4-hour lock expiry.
 import { EventEmitter } from "node:events";
-import { parseCrontab, run, type Runner, type TaskList, type Task, type WorkerEvents } from "graphile-worker";
+import { Logger, parseCrontab, run, type Runner, type TaskList, type Task, type WorkerEvents } from "graphile-worker";
 import { readdirSync } from "node:fs";
 import path from "node:path";
 import { ensureCredentialKeys } from "./connectors/credential-keys.ts";
 import pg from "pg";
 import { parseJsonExact } from "./exact-json.ts";
-import { projectRoot, quietWorkerLogger } from "./db/migrate.ts";
+import { projectRoot } from "./db/migrate.ts";
 import { createPool, withClient } from "./db/pools.ts";
 import { setJobContext } from "./jobs/context.ts";
 import { Liveness } from "./jobs/liveness.ts";
-import { log } from "./log.ts";
+import { graphileLogFactory, log } from "./log.ts";
 
 const tasksFolder = path.join(projectRoot, "tasks");
 
@@ -35,6 +35,9 @@ const exactJsonTypes = {
     return pg.types.getTypeParser(oid, format);
   },
 } as pg.CustomTypesConfig;
+
+// JSON lines through src/log.ts with graphile-worker's scope (worker, task, job), like everything else.
+const workerLogger = new Logger(graphileLogFactory("graphile-worker"));
 
 /** Recurring jobs (graphile-worker crontab syntax). */
 export const crontab = ["0 * * * * retention ?max=3"].join("\n");
@@ -94,7 +97,7 @@ export async function startWorker(opts: WorkerOptions): Promise<Worker> {
       events,
       parsedCronItems: parseCrontab(Object.keys(taskList).includes("retention") ? crontab : ""),
       noHandleSignals: true,
-      logger: quietWorkerLogger,
+      logger: workerLogger,
       pollInterval: 2000,
       // Tasks see helpers.abortSignal abort this long after shutdown starts.
       gracefulShutdownAbortTimeout: drainMs,

@@ -300,7 +300,7 @@ describe("open event streams", () => {
       (async () => {
         for (;;) if ((await reader.read()).done) return true;
       })(),
-      new Promise((resolve) => setTimeout(() => resolve(false), 5000)),
+      new Promise((resolve) => setTimeout(() => resolve(false), 30_000)),
     ]);
     expect(ended).toBe(true);
   });

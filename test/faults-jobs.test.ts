@@ -13,13 +13,11 @@ import { postgresConnector } from "../src/connectors/postgres.ts";
 import { ConnectorError } from "../src/connectors/types.ts";
 import { projectRoot } from "../src/db/migrate.ts";
 import { withUrlParts } from "../src/db/urls.ts";
-import { setLogLevel } from "../src/log.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 // Killed workers and lost connections are the point here: their (expected) errors are not logged.
-setLogLevel("silent");
 
 const RUN = randomBytes(4).toString("hex");
 const SOURCE_DB = `snapbase_faults_source_${RUN}`;

@@ -9,14 +9,12 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { projectRoot } from "../src/db/migrate.ts";
 import { databaseName } from "../src/db/urls.ts";
-import { setLogLevel } from "../src/log.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { PREVIEW_CELL_CHARS } from "../src/server/cap.ts";
 import { startWorker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 // Lost connections are the point here: their (expected) errors are not logged.
-setLogLevel("silent");
 
 const RUN = randomBytes(4).toString("hex");
 const SCHEMA = `faults_${RUN}`;

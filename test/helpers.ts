@@ -1,5 +1,7 @@
 // Shared test helpers: act as a role inside a transaction that is rolled back,
 // create committed users for HTTP tests, and run the real server on a free port.
+// `db` is this test file's own database (a copy of the migrated template, made by
+// setup-file.ts), so a file may commit whatever it likes; what it logs is in `logged`.
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, inject } from "vitest";
@@ -8,16 +10,19 @@ import { createPool } from "../src/db/pools.ts";
 import { startServer, type RunningServer, type ServerOptions } from "../src/server/app.ts";
 
 export const db = inject("db");
+export { logged } from "./log-sink.ts";
 
 const pools: pg.Pool[] = [];
 afterAll(async () => {
   await Promise.all(pools.splice(0).map((p) => p.end()));
 });
 
-// Through the same factory as the server's pools: a backend a fault test terminates
-// is logged, never an unhandled 'error' event in the test process.
+// Test files run in parallel on a server other runs share: each keeps few connections
+// (these pools, a test server's pools, a worker's). Through the same factory as the
+// server's pools: a backend a fault test terminates is logged, never an unhandled
+// 'error' event in the test process.
 function pool(url: string): pg.Pool {
-  const p = createPool({ name: "test", connectionString: url, max: 6, quiet: true });
+  const p = createPool({ name: "test", connectionString: url, max: 4, quiet: true });
   pools.push(p);
   return p;
 }
@@ -96,6 +101,10 @@ export async function tokenFor(u: TestUser): Promise<string> {
   return signClaims(rows[0].claims, db.jwtSecret);
 }
 
+/** The request pools of a test server (a real server's are 20 and 10). */
+export const TEST_SERVER_POOL_SIZE = 6;
+export const TEST_SERVER_REST_POOL_SIZE = 3;
+
 export async function startTestServer(
   opts: { statementTimeoutMs?: number; authenticatorPoolSize?: number } & Partial<Pick<ServerOptions, "http">> = {},
 ): Promise<RunningServer> {
@@ -108,8 +117,10 @@ export async function startTestServer(
     port: 0,
     statementTimeoutMs: opts.statementTimeoutMs ?? 60000,
     credentialsKey: TEST_CREDENTIALS_KEY,
+    // Requests queue for these; more concurrent requests than connections still spread over all of them.
+    authenticatorPoolSize: opts.authenticatorPoolSize ?? TEST_SERVER_POOL_SIZE,
+    restPoolSize: TEST_SERVER_REST_POOL_SIZE,
     http: opts.http,
-    authenticatorPoolSize: opts.authenticatorPoolSize,
   });
 }
 

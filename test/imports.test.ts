@@ -210,14 +210,17 @@ describe("CSV import", () => {
     const before = (await owner().query("select count(*)::int as n from snapbase.csv_imports")).rows[0].n;
     const ragged = await upload(t, "sku,qty\nA,1\nB,2,extra\n");
     expect(ragged.status).toBe(400);
-    expect(ragged.body.error.message).toMatch(/line 3/);
+    expect(ragged.body.error).toEqual({ code: "malformed_csv", message: "the file is not valid CSV: line 3 has 3 fields, the header has 2" });
     // Found after thousands of rows have gone into COPY: still a 400, still nothing staged.
     const late = await upload(t, `sku,qty\n${Array.from({ length: 3000 }, (_, i) => `r${i},${i}\n`).join("")}B,2,extra\n`);
     expect(late.status).toBe(400);
     expect(late.body.error.message).toMatch(/line 3002/);
     const unterminated = await upload(t, 'sku,qty\nA,"1\nB,2\n');
     expect(unterminated.status).toBe(400);
-    expect(unterminated.body.error.message).toMatch(/quote/i);
+    expect(unterminated.body.error.message).toMatch(/^the file is not valid CSV: line 2: a quoted field is never closed/);
+    const strayQuote = await upload(t, 'sku,qty\nA,5" screen\n');
+    expect(strayQuote.status).toBe(400);
+    expect(strayQuote.body.error.message).toMatch(/^the file is not valid CSV: line 2: a quote inside an unquoted field/);
     const latin1 = await upload(t, Buffer.concat([Buffer.from("sku,qty\ncaf"), Buffer.from([0xe9]), Buffer.from(",1\n")]));
     expect(latin1.status).toBe(400);
     expect(latin1.body.error.message).toMatch(/not valid UTF-8/);

@@ -32,7 +32,7 @@ class Inbox<T> {
     this.items.push(item);
     for (const w of this.waiters.splice(0)) w();
   }
-  async until(predicate: (items: T[]) => boolean, timeoutMs = 10_000): Promise<T[]> {
+  async until(predicate: (items: T[]) => boolean, timeoutMs = 30_000): Promise<T[]> {
     const deadline = Date.now() + timeoutMs;
     while (!predicate(this.items)) {
       if (Date.now() > deadline) throw new Error(`timed out; received ${JSON.stringify(this.items)}`);

@@ -1,12 +1,13 @@
 // Connection strings are shown and logged through one masking helper
 // (src/redact.ts): no password survives, wherever the string put it (user info,
 // a password with @ in it, the query string, key=value form).
-import { afterEach, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { ConfigError, loadConfig } from "../src/config.ts";
 import { postgresConnector } from "../src/connectors/postgres.ts";
+import { urlParts } from "../src/db/urls.ts";
 import { log } from "../src/log.ts";
 import { maskConnectionString, redactText, secretsOfConnectionString } from "../src/redact.ts";
-import { db } from "./helpers.ts";
+import { db, logged } from "./helpers.ts";
 
 const cases: [string, string, string[]][] = [
   ["postgres://alice:s3cret-pw@db.example.com:5432/app", "postgres://alice:***@db.example.com:5432/app", ["s3cret-pw"]],
@@ -39,13 +40,6 @@ describe("maskConnectionString", () => {
 });
 
 describe("where connection strings are shown or logged", () => {
-  const written: string[] = [];
-  const original = { out: process.stdout.write, err: process.stderr.write };
-  afterEach(() => {
-    process.stdout.write = original.out;
-    process.stderr.write = original.err;
-  });
-
   it("a bad DATABASE_URL is reported without its password", () => {
     for (const [url, secret] of [["mysql://app:p@ss@db.example.com/app", "ss@"], ["http://app@db.example.com/app?password=hunter2", "hunter2"], ["postgres://app:hunter2@db.example.com", "hunter2"]] as const) {
       let message = "";
@@ -62,16 +56,10 @@ describe("where connection strings are shown or logged", () => {
   });
 
   it("logs mask any connection string in a message or a field", () => {
-    const capture = (chunk: string | Uint8Array) => {
-      written.push(String(chunk));
-      return true;
-    };
-    process.stdout.write = capture as typeof process.stdout.write;
-    process.stderr.write = capture as typeof process.stderr.write;
+    // Tests keep log lines in memory (test/log-sink.ts): the line as it would be written.
+    const from = logged.length;
     log.error("cannot reach postgres://app:hunter2@db/app", { error: "Error: connect postgres://app:p@ss@db/app?password=qs failed", nested: { url: "mysql://root:rootpw@h/x" } });
-    process.stdout.write = original.out;
-    process.stderr.write = original.err;
-    const line = written.join("");
+    const line = logged.slice(from).join("\n");
     for (const secret of ["hunter2", "p@ss", "ss@db", "qs failed", "rootpw"]) expect(line).not.toContain(secret);
     expect(JSON.parse(line).msg).toBe("cannot reach postgres://app:***@db/app");
   });
@@ -79,12 +67,13 @@ describe("where connection strings are shown or logged", () => {
   it("a PostgreSQL connector's errors never carry its password, wherever the connection string put it", async () => {
     // The server's own password (or any, where it trusts local connections), echoed
     // back by the server in an error about a setting given the same value.
-    const server = new URL(db.rootUrl);
-    const secret = decodeURIComponent(server.password) || "QSECRET-1";
+    const server = urlParts(db.rootUrl);
+    const host = server.port ? `${server.host}:${server.port}` : server.host;
+    const secret = server.password || "QSECRET-1";
     const echo = `options=${encodeURIComponent(`-c statement_timeout=${secret}`)}`;
     for (const cs of [
-      `postgres://${server.username}@${server.host}/postgres?password=${encodeURIComponent(secret)}&${echo}`,
-      `postgres://${server.username}:${encodeURIComponent(secret)}@${server.host}/postgres?${echo}`,
+      `postgres://${encodeURIComponent(server.user)}@${host}/postgres?password=${encodeURIComponent(secret)}&${echo}`,
+      `postgres://${encodeURIComponent(server.user)}:${encodeURIComponent(secret)}@${host}/postgres?${echo}`,
     ]) {
       const connector = postgresConnector({ connectionString: cs });
       const failure = await connector.test().then(() => null, (error: Error) => error.message);

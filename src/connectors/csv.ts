@@ -119,6 +119,16 @@ function recordStartLine(text: string, afterLine: number): number {
 
 function malformed(error: unknown, label: string, nextRecordLine: () => number, headerLength: number | undefined): unknown {
   if (!(error instanceof CsvError)) return error;
+  return new ConnectorError(`${label} is not valid CSV: ${csvProblem(error, nextRecordLine, headerLength)}`, { transient: false, cause: error });
+}
+
+/**
+ * What is wrong with a file csv-parse refused, in words, naming the line: "line 3 has
+ * 2 fields, the header has 3". `nextRecordLine`: where the record after the last
+ * complete one starts (an unclosed quote is only noticed at the end of the file).
+ * Used for connector files and for uploads to imports (src/rest/imports.ts).
+ */
+export function csvProblem(error: CsvError, nextRecordLine: () => number, headerLength: number | undefined): string {
   const e = error as CsvError & { lines?: number; record?: unknown[] };
   const at = typeof e.lines === "number" ? e.lines : nextRecordLine();
   let why: string;
@@ -142,7 +152,7 @@ function malformed(error: unknown, label: string, nextRecordLine: () => number, 
     default:
       why = `line ${at}: ${e.message}`;
   }
-  return new ConnectorError(`${label} is not valid CSV: ${why}`, { transient: false, cause: error });
+  return why;
 }
 
 // --- Inspection: header, types, identity ----------------------------------------

@@ -10,7 +10,7 @@ import { startEmbeddedPostgres, type EmbeddedServer } from "./embedded.ts";
 import { loadLocalSecrets } from "./local-secrets.ts";
 import { runMigrations, type MigrationTarget } from "./migrate.ts";
 import { withClient } from "./pools.ts";
-import { databaseName, withUrlParts } from "./urls.ts";
+import { databaseName, urlParts, urlPassword, withUrlParts } from "./urls.ts";
 
 export interface Database {
   ownerUrl: string;
@@ -43,12 +43,11 @@ export async function prepareDatabase(config: Config, opts: { migrate: boolean }
     const maintenanceUrl = withUrlParts(ownerUrl, { database: "postgres" });
     if (!rootUrl && (await canCreateRoles(maintenanceUrl).catch(() => false))) rootUrl = maintenanceUrl;
     if (rootUrl) {
-      const ownerPassword = new URL(ownerUrl).password;
       await bootstrapCluster({
         rootUrl,
         database: databaseName(ownerUrl),
         roles,
-        ownerPassword: ownerPassword ? decodeURIComponent(ownerPassword) : undefined,
+        ownerPassword: urlPassword(ownerUrl),
         authenticatorPassword,
       });
     }
@@ -133,9 +132,9 @@ async function refuseSuperuserOwner(ownerUrl: string, config: Config): Promise<v
     return; // bootstrap and migrations report an unreachable database with their own message
   }
   if (!superuser) return;
-  const user = new URL(ownerUrl).username || "(default user)";
+  const user = urlParts(ownerUrl).user || "(default user)";
   const howTo =
-    `DATABASE_URL connects as ${decodeURIComponent(user)}, a superuser. Snapbase's owner must not be one: ` +
+    `DATABASE_URL connects as ${user}, a superuser. Snapbase's owner must not be one: ` +
     "set ROOT_DATABASE_URL to the superuser URL and DATABASE_URL to a new owner (e.g. postgres://snapbase_owner:<password>@host/snapbase); " +
     "npm start then creates that role and the database. Or create them yourself: " +
     "CREATE ROLE snapbase_owner LOGIN PASSWORD '<password>'; CREATE DATABASE snapbase OWNER snapbase_owner;";

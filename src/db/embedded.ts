@@ -3,6 +3,7 @@ import { chmodSync, existsSync, mkdirSync } from "node:fs";
 import { userInfo } from "node:os";
 import path from "node:path";
 import { log } from "../log.ts";
+import { postgresUrl } from "./urls.ts";
 
 export interface EmbeddedServer {
   /** Superuser URL of the cluster's `postgres` database. */
@@ -65,7 +66,7 @@ export async function startEmbeddedPostgres(opts: {
   log.info("embedded PostgreSQL started", { port: opts.port, databaseDir });
   return {
     rootUrl: (database = "postgres") =>
-      `postgres://postgres:${encodeURIComponent(opts.superuserPassword)}@127.0.0.1:${opts.port}/${database}`,
+      postgresUrl({ user: "postgres", password: opts.superuserPassword, host: "127.0.0.1", port: opts.port, database }),
     stop: async () => {
       await pg.stop();
       log.info("embedded PostgreSQL stopped");

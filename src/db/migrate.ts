@@ -8,7 +8,7 @@ import { fileURLToPath } from "node:url";
 import type pg from "pg";
 import { Logger } from "@graphile/logger";
 import { createPool } from "./pools.ts";
-import { log } from "../log.ts";
+import { graphileLogFactory } from "../log.ts";
 import type { RoleNames } from "../config.ts";
 
 export const projectRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
@@ -57,14 +57,10 @@ function settingsFor(target: MigrationTarget): Settings {
 }
 
 // graphile-migrate and graphile-worker log through @graphile/logger (each its own
-// copy); route them into our JSON logs, keeping only warnings and errors (they
-// narrate every step at info level).
-const quietLogFactory = (component: string) => () => (level: string, message: string) => {
-  if (level === "error") log.error(message, { component });
-  else if (level === "warning") log.warn(message, { component });
-};
-const quietLogger = new Logger(quietLogFactory("graphile-migrate"));
-export const quietWorkerLogger = new WorkerLogger(quietLogFactory("graphile-worker"));
+// copy); route them into our JSON logs, keeping only warnings and errors (while
+// migrating they narrate every step at info level).
+const quietLogger = new Logger(graphileLogFactory("graphile-migrate", "warn"));
+export const quietWorkerLogger = new WorkerLogger(graphileLogFactory("graphile-worker", "warn"));
 
 // The work in progress is the folder `migrations/current/` (graphile-migrate's
 // folder mode: its files are applied in number order, so separate topics can be

@@ -14,6 +14,8 @@ export class EventHub {
   private readonly listeners = new Map<string, Set<Listener>>();
   private closed = false;
   private readonly connectionString: string;
+  /** LISTEN and UNLISTEN one at a time: pg refuses overlapping queries on one client from pg@9 on. */
+  private queries: Promise<unknown> = Promise.resolve();
 
   constructor(connectionString: string) {
     this.connectionString = connectionString;
@@ -26,7 +28,7 @@ export class EventHub {
       set = new Set();
       this.listeners.set(topic, set);
       try {
-        await (await this.connection()).query(`listen ${pg.escapeIdentifier(channel(topic))}`);
+        await this.run(await this.connection(), `listen ${pg.escapeIdentifier(channel(topic))}`);
       } catch (error) {
         if (this.listeners.get(topic) === set && set.size === 0) this.listeners.delete(topic);
         throw error;
@@ -37,7 +39,7 @@ export class EventHub {
       set.delete(listener);
       if (set.size === 0 && this.listeners.get(topic) === set) {
         this.listeners.delete(topic);
-        await this.client?.query(`unlisten ${pg.escapeIdentifier(channel(topic))}`).catch(() => {});
+        if (this.client) await this.run(this.client, `unlisten ${pg.escapeIdentifier(channel(topic))}`).catch(() => {});
       }
     };
   }
@@ -83,13 +85,19 @@ export class EventHub {
     if (this.closed) return;
     try {
       const client = await this.connection();
-      for (const topic of this.listeners.keys()) await client.query(`listen ${pg.escapeIdentifier(channel(topic))}`);
+      for (const topic of this.listeners.keys()) await this.run(client, `listen ${pg.escapeIdentifier(channel(topic))}`);
       for (const [topic, set] of this.listeners) for (const listener of set) listener({ id: 0, topic, kind: "reconnected" });
     } catch (error) {
       if (this.closed) return;
       log.warn("event listener could not reconnect", { error: (error as Error).message });
       setTimeout(() => void this.relisten(), 2000).unref();
     }
+  }
+
+  private run(client: pg.Client, sql: string): Promise<unknown> {
+    const next = this.queries.then(() => client.query(sql));
+    this.queries = next.catch(() => {});
+    return next;
   }
 
   private dispatch(msg: pg.Notification): void {

@@ -29,8 +29,21 @@ async function writeCsv(c: pg.PoolClient, res: Response, filename: string, call:
   const copy = c.query(copyTo(`copy (select ${columns} from snapbase_export order by ord) to stdout with (format csv)`));
   // A client that goes away, at any point: the request's abort signal cancels the
   // COPY and destroys the connection (withUserTransaction), which ends this stream.
-  copy.pipe(res, { end: false });
-  await finished(copy);
+  // Unless the COPY had already finished in PostgreSQL with rows still buffered here:
+  // the response's close unpipes them, and a stream whose rows nobody reads never
+  // ends. So a closed response also ends the stream itself.
+  const hungUp = () => {
+    if (!copy.readableEnded) copy.destroy(new RequestAbortedError());
+  };
+  // pg may still report the cut connection to the stream after that (handled: the abort did it).
+  copy.on("error", () => {});
+  res.once("close", hungUp);
+  try {
+    copy.pipe(res, { end: false });
+    await finished(copy);
+  } finally {
+    res.off("close", hungUp);
+  }
   if (res.destroyed) throw new RequestAbortedError();
 }
 

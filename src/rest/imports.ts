@@ -6,12 +6,13 @@
 // every row (../connectors/csv-inference.ts, the rules of snapbase_private.csv_type_rules).
 // Preview and import are SQL functions (csv_import_preview, import_csv), exposed
 // through GraphQL.
-import { parse, type Info } from "csv-parse";
+import { CsvError, parse, type Info } from "csv-parse";
 import { Router, type Request } from "express";
 import { once } from "node:events";
 import { pipeline } from "node:stream/promises";
 import type pg from "pg";
 import { from as copyFrom } from "pg-copy-streams";
+import { csvProblem } from "../connectors/csv.ts";
 import { CsvTypeRules, type CsvColumnKinds } from "../connectors/csv-inference.ts";
 import { withUserTransaction } from "../db/request-client.ts";
 import { capStrings } from "../server/cap.ts";
@@ -74,11 +75,21 @@ async function* stagingText(records: AsyncIterator<Parsed>, seen: CsvColumnKinds
   if (lines.length > 0) yield lines.join("");
 }
 
-/** Parser failures as 400s; anything else unchanged. */
-function asUploadError(error: unknown): unknown {
+/** Where the parse has got to, for messages about a malformed file. */
+interface ParseProgress {
+  /** The line the last complete record ended on. */
+  lastLine: number;
+  headerLength?: number;
+}
+
+/** Parser failures as 400s, worded as for connector files (csvProblem); anything else unchanged. */
+function asUploadError(error: unknown, progress: ParseProgress): unknown {
   if (error instanceof HttpError) return error;
-  const code = (error as { code?: string }).code ?? "";
-  if (code.startsWith("CSV_")) return new HttpError(400, "malformed_csv", `the file is not valid CSV: ${(error as Error).message}`);
+  if (error instanceof CsvError) {
+    // The file streams by, so blank lines after the last record are not skipped: the next record starts on the next line.
+    const why = csvProblem(error, () => progress.lastLine + 1, progress.headerLength);
+    return new HttpError(400, "malformed_csv", `the file is not valid CSV: ${why}`);
+  }
   return error;
 }
 
@@ -90,7 +101,18 @@ export function importRoutes(deps: { pool: pg.Pool }): Router {
     if (!req.is("text/csv")) throw new HttpError(415, "unsupported_media_type", "send the file as text/csv");
     const result = await withUserTransaction(deps.pool, req.pgSettings!, async (c) => {
       // Strict: every row must have as many fields as the header, and quotes must close.
-      const parser = parse({ bom: true, info: true, skip_empty_lines: true });
+      const progress: ParseProgress = { lastLine: 0 };
+      const parser = parse({
+        bom: true,
+        info: true,
+        skip_empty_lines: true,
+        // (With info: true each record arrives as { record, info }.)
+        on_record: (parsed, context) => {
+          progress.headerLength ??= (parsed as unknown as Parsed).record.length;
+          progress.lastLine = context.lines;
+          return parsed;
+        },
+      });
       const feeding = feed(req, parser);
       const records = (parser as AsyncIterable<Parsed>)[Symbol.asyncIterator]();
       try {
@@ -107,7 +129,7 @@ export function importRoutes(deps: { pool: pg.Pool }): Router {
         const { rows } = await c.query("select to_jsonb(i) as import, snapbase.csv_import_preview(i.id) as preview from snapbase.csv_imports i where i.id = $1", [importId]);
         return { import: capStrings(rows[0].import), preview: capStrings(rows[0].preview) };
       } catch (error) {
-        throw asUploadError(error);
+        throw asUploadError(error, progress);
       } finally {
         parser.destroy();
         await feeding;

@@ -38,8 +38,10 @@ export interface ServerOptions {
   credentialsKey?: string;
   /** GraphiQL, introspection, suggestions, GraphQL limits, CORS, proxies; unset: development defaults. */
   http?: Partial<HttpOptions>;
-  /** Connections of the authenticator pool (requests, PostGraphile, SSE catch-ups). */
+  /** Connections of the authenticator pool (requests, PostGraphile, SSE catch-ups); default 20. */
   authenticatorPoolSize?: number;
+  /** Connections of the REST pool (REST's JSON answers); default 10. */
+  restPoolSize?: number;
   /** How long shutdown waits for requests in flight before it stops them. */
   shutdownDrainMs?: number;
 }
@@ -278,7 +280,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const restPool = createPool({
     name: "rest",
     connectionString: opts.authenticatorUrl,
-    max: 10,
+    max: opts.restPoolSize ?? 10,
     resetOnRelease: true,
     connectionTimeoutMillis: 15_000,
     types: restJsonTypes,
