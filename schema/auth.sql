@@ -481,6 +481,7 @@ AS $function$
     else session_user::name
   end
 $function$;
+comment on function snapbase_private.acting_role() is 'The role whose rights bound what the caller submits: the request''s role; for a job acting for a user (no role set, claims set), that user''s role; in psql, the database user.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.attempt_login(email text, password text, client_address inet)
  RETURNS snapbase_private.login_result
@@ -546,6 +547,7 @@ begin
   )::snapbase_private.login_result;
 end;
 $function$;
+comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
 grant execute on function snapbase_private.attempt_login(text,text,inet) to :DATABASE_AUTHENTICATOR;
 
 CREATE OR REPLACE FUNCTION snapbase_private.caller_role()
@@ -556,6 +558,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.caller_role()
 AS $function$
   select coalesce(nullif(current_setting('role'), 'none'), session_user)::name
 $function$;
+comment on function snapbase_private.caller_role() is 'The role the caller acts as. Inside SECURITY DEFINER functions current_user is the owner, but the role setting still holds what the request SET ROLE''d to; a DBA in psql has no role set, so it is their login.';
 grant execute on function snapbase_private.caller_role() to :ROLE_AGENT;
 grant execute on function snapbase_private.caller_role() to :ROLE_ANONYMOUS;
 grant execute on function snapbase_private.caller_role() to :ROLE_VIEWER;
@@ -583,6 +586,7 @@ begin
   end if;
 end;
 $function$;
+comment on function snapbase_private.count_login_failure(text,text,integer,interval,jsonb) is 'Counts one failed sign-in; at the limit, locks the account or the client address and audits it.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.current_session_id()
  RETURNS bigint
@@ -626,6 +630,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.db_role(app_role text)
 AS $function$
   select case app_role when 'admin' then ':ROLE_ADMIN' when 'editor' then ':ROLE_EDITOR' when 'viewer' then ':ROLE_VIEWER' end::name
 $function$;
+comment on function snapbase_private.db_role(text) is 'The database role of a Snapbase user role (viewer, editor, admin).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.require_role(minimum text)
  RETURNS void
@@ -643,6 +648,7 @@ begin
   end if;
 end;
 $function$;
+comment on function snapbase_private.require_role(text) is 'Raises 42501 unless the caller holds at least the given role (viewer < editor < admin).';
 grant execute on function snapbase_private.require_role(text) to :ROLE_AGENT;
 grant execute on function snapbase_private.require_role(text) to :ROLE_ANONYMOUS;
 grant execute on function snapbase_private.require_role(text) to :ROLE_VIEWER;
@@ -679,6 +685,7 @@ begin
     t.scopes, t.workbook_id;
 end;
 $function$;
+comment on function snapbase_private.resolve_api_token(text) is 'For the server (as the authenticator): who an API token acts for. Its role is the highest both its scopes and its user''s current role allow; disabled users and revoked or expired tokens get no row.';
 grant execute on function snapbase_private.resolve_api_token(text) to :DATABASE_AUTHENTICATOR;
 
 CREATE OR REPLACE FUNCTION snapbase_private.resolve_session(session_id bigint, user_id bigint)
@@ -692,4 +699,5 @@ AS $function$
    where s.id = resolve_session.session_id and s.user_id = resolve_session.user_id
      and s.revoked_at is null and s.expires_at > now() and u.disabled_at is null
 $function$;
+comment on function snapbase_private.resolve_session(bigint,bigint) is 'For the server (as the authenticator), on every request with a JWT: the user''s current email and role, or no row when the session or the user is gone.';
 grant execute on function snapbase_private.resolve_session(bigint,bigint) to :DATABASE_AUTHENTICATOR;

@@ -39,6 +39,7 @@ create table snapbase.change_requests (
   error_code text,
   error_message text,
   submitted_role name,
+  restore_keys jsonb,
   constraint change_requests_decided_by_fkey FOREIGN KEY (decided_by) REFERENCES snapbase.users(id) ON DELETE SET NULL,
   constraint change_requests_managed_table_id_fkey FOREIGN KEY (managed_table_id) REFERENCES snapbase.managed_tables(id) ON DELETE RESTRICT,
   constraint change_requests_pkey PRIMARY KEY (id),
@@ -56,11 +57,11 @@ create policy select_readable on snapbase.change_requests for select to public
   WHERE (m.id = change_requests.managed_table_id))));
 CREATE TRIGGER _500_event AFTER INSERT OR UPDATE OF status ON snapbase.change_requests FOR EACH ROW EXECUTE FUNCTION snapbase_private.tg__change_event();
 CREATE TRIGGER _500_job_follows_change AFTER UPDATE OF status ON snapbase.change_requests FOR EACH ROW EXECUTE FUNCTION snapbase_private.tg__job_follows_change();
-CREATE TRIGGER _500_notify AFTER INSERT ON snapbase.change_requests FOR EACH ROW EXECUTE FUNCTION snapbase_private.tg__change_submitted();
 grant select on table snapbase.change_requests to :ROLE_VIEWER;
 comment on column snapbase.change_requests.sql is 'Exactly the statement that runs on approval (generated for structured edits and restores).';
 comment on column snapbase.change_requests.submitted_role is '@behavior -*
 The database role the submitter acted as; the change may read only what this role (and the submitter''s current role) may read.';
+comment on column snapbase.change_requests.restore_keys is 'For a partial restore: the primary keys of the rows it puts back (null: the whole table).';
 comment on table snapbase.change_requests is 'Proposed changes to managed tables: pending, then approved, rejected or failed.';
 
 create table snapbase.managed_tables (
@@ -129,7 +130,7 @@ begin
   execute format('lock table %s in exclusive mode', target);
   begin
     if cr.kind = 'restore' then
-      affected := snapbase_private.apply_restore(cr.restore_snapshot_id, target);
+      affected := snapbase_private.apply_restore(cr.restore_snapshot_id, target, cr.restore_keys);
     else
       -- Checked again now: the table, the allow-list or the submitter's rights may have changed.
       probe := snapbase_private.check_change_sql(target, cr.sql, snapbase_private.submitter_roles(cr));
@@ -337,6 +338,7 @@ AS $function$
 declare
   rel record;
   registered snapbase.managed_tables;
+  untracked text;
 begin
   perform snapbase_private.require_role('admin');
   select n.nspname, c.relname, c.relkind into rel
@@ -349,16 +351,21 @@ begin
   end if;
   insert into snapbase.managed_tables (schema_name, table_name, keep_last, keep_days, registered_by)
   values (rel.nspname, rel.relname, keep_last, keep_days,
-          coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user))
+          snapbase_private.actor_name())
   on conflict (schema_name, table_name) do update
     set keep_last = excluded.keep_last, keep_days = excluded.keep_days
   returning * into registered;
+  -- Change tracking (snapshots built from the previous one); null when armed.
+  untracked := snapbase_private.arm_tracking(registered, target);
   perform snapbase_private.audit('register_table', 'managed_table', registered.id::text, registered.qualified_name,
-    jsonb_build_object('keep_last', keep_last, 'keep_days', keep_days));
+    jsonb_build_object('keep_last', keep_last, 'keep_days', keep_days)
+      || case when untracked is null then '{}'::jsonb else jsonb_build_object('untracked', untracked) end);
+  -- What the table still needs before changes to it can be approved (a WARNING, with the GRANTs to run).
+  perform snapbase_private.warn_registration_problems(target);
   return registered;
 end;
 $function$;
-comment on function snapbase.register_table(regclass,integer,integer) is 'Put a table under change control (admins). Re-registering updates the retention policy.';
+comment on function snapbase.register_table(regclass,integer,integer) is 'Put a table under change control (admins). Re-registering updates the retention policy and re-arms change tracking.';
 grant execute on function snapbase.register_table(regclass,integer,integer) to :ROLE_VIEWER;
 
 CREATE OR REPLACE FUNCTION snapbase.reject_change(change_id bigint, reason text DEFAULT NULL::text)
@@ -482,6 +489,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.can_read(mt snapbase.managed_tables)
 AS $function$
   select coalesce(has_any_column_privilege(snapbase_private.caller_role(), snapbase_private.relation_of(mt), 'SELECT'), false)
 $function$;
+comment on function snapbase_private.can_read(snapbase.managed_tables) is 'May the caller read this live table? Snapshots, change requests and diffs follow it.';
 grant execute on function snapbase_private.can_read(snapbase.managed_tables) to :ROLE_AGENT;
 grant execute on function snapbase_private.can_read(snapbase.managed_tables) to :ROLE_VIEWER;
 
@@ -838,8 +846,6 @@ begin
     'change_request', cr.id::text, cr.table_name,
     jsonb_strip_nulls(jsonb_build_object('sql', cr.sql, 'status', outcome, 'rows_affected', affected, 'snapshot_id', snap_id,
       'error_code', err_code, 'error', err_message, 'reason', note, 'restore_snapshot_id', cr.restore_snapshot_id)));
-  perform pg_notify('snapbase:changes', json_build_object('kind', 'change_' || outcome, 'id', cr.id,
-    'managed_table_id', cr.managed_table_id, 'snapshot_id', snap_id, 'actor', snapbase_private.actor_name())::text);
   return cr;
 end;
 $function$;
@@ -881,6 +887,7 @@ begin
   return found;
 end;
 $function$;
+comment on function snapbase_private.managed_table_for(regclass) is 'The managed table behind a relation, for a submitter who may read it ("no managed table" alike for tables that are not managed and for those you may not read).';
 grant execute on function snapbase_private.managed_table_for(regclass) to :ROLE_VIEWER;
 
 CREATE OR REPLACE FUNCTION snapbase_private.primary_key(target regclass)
@@ -1030,6 +1037,7 @@ AS $function$
       coalesce((select snapbase_private.db_role(u.role::text) from snapbase.users u where u.id = cr.submitted_by), ':ROLE_ANONYMOUS') end
   ], null)
 $function$;
+comment on function snapbase_private.submitter_roles(snapbase.change_requests) is 'The roles whose reading rights a change may use: the one it was submitted as and, when its submitter is a user, that user''s current role (a demotion takes effect).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.table_columns(target regclass)
  RETURNS jsonb
@@ -1041,20 +1049,8 @@ AS $function$
     from pg_attribute a
    where a.attrelid = target and a.attnum > 0 and not a.attisdropped
 $function$;
+comment on function snapbase_private.table_columns(regclass) is 'A table''s current columns, in order, as [{name, type}].';
 grant execute on function snapbase_private.table_columns(regclass) to :ROLE_VIEWER;
-
--- fires as trigger _500_notify on snapbase.change_requests
-CREATE OR REPLACE FUNCTION snapbase_private.tg__change_submitted()
- RETURNS trigger
- LANGUAGE plpgsql
- SET search_path TO 'pg_catalog'
-AS $function$
-begin
-  perform pg_notify('snapbase:changes', json_build_object('kind', 'change_submitted', 'id', new.id,
-    'managed_table_id', new.managed_table_id, 'actor', new.submitted_by_name)::text);
-  return null;
-end;
-$function$;
 
 CREATE OR REPLACE FUNCTION snapbase_private.tg__preview_capture()
  RETURNS trigger

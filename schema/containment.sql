@@ -338,6 +338,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.sandbox_role(kind text)
 AS $function$
   select case kind when 'filter_reader' then ':ROLE_FILTER_READER' when 'change_runner' then ':ROLE_CHANGE_RUNNER' end::name
 $function$;
+comment on function snapbase_private.sandbox_role(text) is 'The sandbox roles by purpose (their names are configurable, so they come from the migration''s placeholders).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.tree_problems(tree text, purpose text)
  RETURNS text[]

@@ -208,7 +208,7 @@ CREATE OR REPLACE FUNCTION snapbase.csv_import_preview(import_id bigint, mapping
  RETURNS jsonb
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   imp snapbase.csv_imports := snapbase_private.require_import(import_id);
@@ -261,7 +261,7 @@ begin
                            coalesce(sum(m.unchanged_cells), 0) as unchanged_cells, coalesce(sum(m.empty_cells_skipped), 0) as empty_cells_skipped
                       from (%s) m', '{}', snapbase_private.csv_suggestions_sql(t, key_column, key.key_idx, key.key_type, map))
       into counts
-      using imp.id, bad, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user), options -> 'skip_unchanged' = 'true',
+      using imp.id, bad, snapbase_private.actor_name(), options -> 'skip_unchanged' = 'true',
             options ->> 'empty_cells' = 'null';
     outcome := jsonb_build_object('suggested', counts.suggested, 'suggested_cells', counts.suggested_cells,
       'unchanged_cells', counts.unchanged_cells, 'empty_cells_skipped', counts.empty_cells_skipped,
@@ -318,7 +318,7 @@ CREATE OR REPLACE FUNCTION snapbase.export_table_rows(table_id bigint, use_filte
  RETURNS SETOF text[]
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
  SET "DateStyle" TO 'ISO, YMD'
  SET "IntervalStyle" TO 'postgres'
  SET extra_float_digits TO '3'
@@ -343,7 +343,7 @@ CREATE OR REPLACE FUNCTION snapbase.import_csv(import_id bigint, mapping jsonb D
  RETURNS jsonb
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   imp snapbase.csv_imports := snapbase_private.require_import(import_id);
@@ -418,7 +418,7 @@ begin
               from m$q$,
             snapbase_private.csv_suggestions_sql(t, key_column, key.key_idx, key.key_type, map), rel)
             into suggested, suggested_cells, unchanged_cells, empty_cells_skipped
-            using imp.id, bad_lines, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user),
+            using imp.id, bad_lines, snapbase_private.actor_name(),
                   options -> 'skip_unchanged' = 'true', options ->> 'empty_cells' = 'null';
         end if;
         exit attempts;
@@ -563,7 +563,7 @@ CREATE OR REPLACE FUNCTION snapbase.stage_csv_rows(import_id bigint, rows jsonb)
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   imp snapbase.csv_imports := snapbase_private.require_import(import_id);
@@ -667,6 +667,7 @@ begin
   return created;
 end;
 $function$;
+comment on function snapbase_private.add_csv_version(bigint,text,bigint,bigint,bigint[],jsonb) is 'For the csv connector (the worker, as the owner): stores its rewrite of the file as the next version, with the row numbers of its records and the inferred types it was written under. The connector holds a lock on the csv_files row while it reads the latest version and writes the next, so concurrent publishes to one file apply one after the other.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.cast_error(value text, type text)
  RETURNS text
@@ -765,6 +766,7 @@ begin
   return body;
 end;
 $function$;
+comment on function snapbase_private.csv_file_content(bigint,integer) is 'A CSV file''s version as text. No access check: for the owner (the worker) and snapbase.csv_file_content.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.csv_import_key(map jsonb, options jsonb, OUT key_idx integer, OUT key_type text)
  RETURNS record
@@ -853,6 +855,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.csv_record_count(content text)
 AS $function$
   select greatest(regexp_count(regexp_replace(content, '"[^"]*"', 'x', 'g'), '[^\r\n]+') - 1, 0)
 $function$;
+comment on function snapbase_private.csv_record_count(text) is 'Records in a CSV text as the connector parses it (RFC 4180: line breaks inside quoted fields do not end a record; blank lines are skipped), without the header; for the versions listing.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.csv_rows_fit(import_id bigint, idx integer[], types text[])
  RETURNS boolean
@@ -873,6 +876,7 @@ exception when data_exception then
   return false;
 end;
 $function$;
+comment on function snapbase_private.csv_rows_fit(bigint,integer[],text[]) is 'Whether every mapped cell of a staged import converts to its column''s type (one statement: a clean file needs no cell-by-cell check).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.csv_rule_sql(i integer, type text)
  RETURNS text
@@ -1065,6 +1069,7 @@ begin
   end if;
 end;
 $function$;
+comment on function snapbase_private.import_mapping(snapbase.csv_imports,snapbase.workbook_tables,jsonb) is 'The effective CSV import mapping as rows (csv index, header, table column, its canonical type, new scratch?), checked against the table.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.require_csv_file(file_id bigint)
  RETURNS snapbase.csv_files
@@ -1121,7 +1126,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.stage_csv_copy(import_id bigint, kin
  RETURNS bigint
  LANGUAGE plpgsql
  SECURITY DEFINER
- SET search_path TO 'pg_catalog'
+ SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 declare
   imp snapbase.csv_imports := snapbase_private.require_import(import_id);

@@ -95,7 +95,7 @@ AS $function$
   insert into snapbase.audit_log (action, actor, actor_user_id, actor_token_id, subject_type, subject_id, table_name, details)
   values (
     action,
-    coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user),
+    snapbase_private.actor_name(),
     snapbase.current_user_id(),
     snapbase_private.current_token_id(),
     subject_type, subject_id, table_name, coalesce(details, '{}')
@@ -132,6 +132,7 @@ begin
     using errcode = '42501';
 end;
 $function$;
+comment on function snapbase_private.tg__append_only() is 'For append-only tables: no UPDATE, DELETE or TRUNCATE, whoever asks.';
 
 -- fires as trigger _100_timestamps on snapbase.connector_accounts, trigger _100_timestamps on snapbase.jobs, trigger _100_timestamps on snapbase.users, trigger _100_timestamps on snapbase.workbook_tables, trigger _100_timestamps on snapbase.workbooks
 CREATE OR REPLACE FUNCTION snapbase_private.tg__timestamps()

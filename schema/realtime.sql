@@ -118,7 +118,7 @@ declare
   event jsonb;
   event_id bigint;
 begin
-  payload := payload || jsonb_build_object('by', coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user))
+  payload := payload || jsonb_build_object('by', snapbase_private.actor_name())
              || case when snapbase.current_app_role() = 'agent' then '{"agent": true}'::jsonb else '{}' end;
   insert into snapbase_private.events (topic, kind, payload) values (topic, kind, payload) returning id into event_id;
   event := jsonb_build_object('id', event_id, 'topic', topic, 'kind', kind) || payload;
@@ -147,6 +147,7 @@ begin
   return null;
 end;
 $function$;
+comment on function snapbase_private.tg__add_record_event_triggers() is 'A workbook table''s physical table is created after its row: the record event triggers are added at commit, when both exist.';
 
 -- fires as trigger _500_event on snapbase.change_requests
 CREATE OR REPLACE FUNCTION snapbase_private.tg__change_event()
@@ -182,7 +183,11 @@ begin
   perform snapbase_private.emit(
     case when new.workbook_id is not null then 'workbook:' || new.workbook_id else 'account:' || new.connector_account_id end,
     'job', jsonb_build_object('job_id', new.id, 'job_kind', new.kind, 'state', new.state, 'done', new.done, 'total', new.total,
-                              'table_id', new.table_id));
+                              'table_id', new.table_id)
+           || case when new.state::text in ('succeeded', 'partial') and new.kind in ('publish', 'download')
+                   then jsonb_build_object('result', (select coalesce(jsonb_object_agg(__sb_c.key, __sb_c.value), '{}')
+                                                        from jsonb_each(coalesce(new.result, '{}')) __sb_c where jsonb_typeof(__sb_c.value) = 'number'))
+                   else '{}' end);
   return null;
 end;
 $function$;
@@ -206,8 +211,12 @@ begin
     select count(*),
            case
              when bool_or(__sb_c.data_changed and __sb_n.__suggested <> __sb_o.__suggested) then 'accepted'
-             when bool_or(__sb_n.__publish is distinct from __sb_o.__publish) then 'published'
+             when bool_or(__sb_c.publish_changed and __sb_n.__publish ->> 'state' = 'published') then 'published'
+             when bool_or(__sb_c.publish_changed and __sb_n.__publish ->> 'state' = 'conflict') then 'conflict'
+             when bool_or(__sb_c.publish_changed and __sb_n.__publish ->> 'state' = 'failed') then 'failed'
              when bool_or(__sb_c.data_changed) then 'edited'
+             -- A publish state cleared without an edit: a decision (resolve_source_deleted).
+             when bool_or(__sb_c.publish_changed and __sb_n.__publish is null) then 'resolved'
              when bool_or(not (__sb_o.__suggested @> __sb_n.__suggested) or __sb_n.__suggest_delete is not null and __sb_o.__suggest_delete is null) then 'suggested'
              when bool_or(__sb_n.__suggested <> __sb_o.__suggested or __sb_n.__suggest_delete is distinct from __sb_o.__suggest_delete) then 'rejected'
              else 'updated'
@@ -215,10 +224,11 @@ begin
       into affected, what
       from new_rows __sb_n join old_rows __sb_o on __sb_o.__id = __sb_n.__id,
            lateral (select (to_jsonb(__sb_n.*) - snapbase_private.record_meta_columns()) is distinct from (to_jsonb(__sb_o.*) - snapbase_private.record_meta_columns())
-                             or __sb_n.__deleted <> __sb_o.__deleted as data_changed) __sb_c;
+                             or __sb_n.__deleted <> __sb_o.__deleted as data_changed,
+                           __sb_n.__publish is distinct from __sb_o.__publish as publish_changed) __sb_c;
   end if;
   -- A bulk edit announces itself once, at its end.
-  -- 'updated' alone (edit flags, timestamps) is bookkeeping that follows another event.
+  -- 'updated' alone (edit flags, timestamps, records taken for a publish) is bookkeeping that follows another event.
   if affected > 0 and what <> 'updated' and current_setting('snapbase.quiet_record_events', true) is distinct from 'on' then
     perform snapbase_private.emit('workbook:' || tg_argv[0], 'records', jsonb_build_object('table_id', tg_argv[1]::bigint,
       'action', what, 'count', affected));
@@ -226,6 +236,7 @@ begin
   return null;
 end;
 $function$;
+comment on function snapbase_private.tg__records_event() is 'Record changes as one event per statement (a 10,000-row accept is one event), saying what happened from the rows before and after.';
 
 -- fires as trigger _500_event on snapbase.snapshots
 CREATE OR REPLACE FUNCTION snapbase_private.tg__snapshot_event()

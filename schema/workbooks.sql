@@ -831,9 +831,7 @@ declare
 begin
   execute format($u$update %s set __suggest_delete = jsonb_build_object('by', $2::text, 'at', now()), __updated_at = now()
                      where __id = $1 and not __suggested_new returning __id$u$, snapbase_private.table_rel(t))
-    into found_id
-    using record_id, coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user)
-                     || case when snapbase.current_app_role() = 'agent' then ' (agent)' else '' end;
+    into found_id using record_id, snapbase_private.suggester();
   if found_id is null then
     raise exception 'no record % in workbook table %', record_id, t.id using errcode = 'P0002';
   end if;
@@ -853,16 +851,12 @@ CREATE OR REPLACE FUNCTION snapbase.suggest_new_record(table_id bigint, "values"
 AS $function$
 declare
   t snapbase.workbook_tables := snapbase_private.require_table(table_id, 'suggest');
-  by_whom text := coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user)
-                  || case when snapbase.current_app_role() = 'agent' then ' (agent)' else '' end;
   new_id bigint;
 begin
   perform snapbase_private.refuse_hidden_columns(t, "values");
   perform snapbase_private.check_values(t, "values", true);
-  execute format($i$
-    insert into %s (__suggested_new, __suggested)
-    select true, coalesce(jsonb_object_agg(k, jsonb_build_object('value', v, 'by', $2::text, 'at', now())), '{}') from jsonb_each($1) e(k, v)
-    returning __id$i$, snapbase_private.table_rel(t)) into new_id using "values", by_whom;
+  execute format('insert into %s (__suggested_new, __suggested) values (true, $1) returning __id', snapbase_private.table_rel(t))
+    into new_id using snapbase_private.suggestion_entries("values");
   perform snapbase_private.audit_workbook('suggest_new_record', t.workbook_id, 'workbook_record', new_id::text,
     snapbase_private.table_rel(t), jsonb_build_object('table_id', t.id, 'values', "values"));
   return snapbase_private.get_record(t, new_id, snapbase_private.hidden_from_caller(t));
@@ -880,8 +874,6 @@ CREATE OR REPLACE FUNCTION snapbase.suggest_values(table_id bigint, record_id bi
 AS $function$
 declare
   t snapbase.workbook_tables := snapbase_private.require_table(table_id, 'suggest');
-  by_whom text := coalesce(nullif(current_setting('jwt.claims.email', true), ''), session_user)
-                  || case when snapbase.current_app_role() = 'agent' then ' (agent)' else '' end;
   is_new boolean;
 begin
   perform snapbase_private.refuse_hidden_columns(t, "values");
@@ -890,11 +882,8 @@ begin
     raise exception 'no record % in workbook table %', record_id, t.id using errcode = 'P0002';
   end if;
   perform snapbase_private.check_values(t, "values", is_new);
-  execute format($u$
-    update %s set __suggested = __suggested || (select jsonb_object_agg(k, jsonb_build_object('value', v, 'by', $3::text, 'at', now()))
-                                                  from jsonb_each($2) e(k, v)),
-                  __updated_at = now()
-     where __id = $1$u$, snapbase_private.table_rel(t)) using record_id, "values", by_whom;
+  execute format('update %s set __suggested = __suggested || $2, __updated_at = now() where __id = $1', snapbase_private.table_rel(t))
+    using record_id, snapbase_private.suggestion_entries("values");
   perform snapbase_private.audit_workbook('suggest_values', t.workbook_id, 'workbook_record', record_id::text,
     snapbase_private.table_rel(t), jsonb_build_object('table_id', t.id, 'values', "values"));
   return snapbase_private.get_record(t, record_id, snapbase_private.hidden_from_caller(t));
@@ -1197,6 +1186,7 @@ begin
   return new_id;
 end;
 $function$;
+comment on function snapbase_private.apply_create(snapbase.workbook_tables,jsonb) is 'Creates one record (used by create_record and bulk edits). Checks neither access nor audits: its callers do.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.apply_delete(t snapbase.workbook_tables, record_id bigint)
  RETURNS text
@@ -1219,6 +1209,7 @@ begin
   return outcome;
 end;
 $function$;
+comment on function snapbase_private.apply_delete(snapbase.workbook_tables,bigint) is 'Deletes one record: a record new here goes at once, one known at the source is flagged deleted until published (used by delete_record and bulk edits). Checks neither access nor audits.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.apply_operation(t snapbase.workbook_tables, op jsonb)
  RETURNS bigint
@@ -1249,6 +1240,7 @@ begin
   return record_id;
 end;
 $function$;
+comment on function snapbase_private.apply_operation(snapbase.workbook_tables,jsonb) is 'One bulk operation {"op": create|update|delete|undelete, "id"?, "values"?}, applied through the single-record functions; returns the record id.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.apply_undelete(t snapbase.workbook_tables, record_id bigint)
  RETURNS void
@@ -1265,6 +1257,7 @@ begin
   end if;
 end;
 $function$;
+comment on function snapbase_private.apply_undelete(snapbase.workbook_tables,bigint) is 'Takes back a delete flag (used by undelete_record and bulk edits). Checks neither access nor audits.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.apply_update(t snapbase.workbook_tables, record_id bigint, vals jsonb)
  RETURNS void
@@ -1300,6 +1293,7 @@ begin
     $u$, rel) using record_id, array(select jsonb_object_keys(vals)), scratch;
 end;
 $function$;
+comment on function snapbase_private.apply_update(snapbase.workbook_tables,bigint,jsonb) is 'Updates one record''s values, flagging as edited the fields that differ from the source (used by update_record and bulk edits). Checks neither access nor audits: its callers do.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.audit_workbook(action text, workbook_id bigint, subject_type text, subject_id text, table_name text, details jsonb DEFAULT '{}'::jsonb)
  RETURNS void
@@ -1345,6 +1339,7 @@ begin
     'read_only', coalesce((spec ->> 'read_only')::boolean, false), 'scratch', coalesce((spec ->> 'scratch')::boolean, false));
 end;
 $function$;
+comment on function snapbase_private.check_column_spec(jsonb) is 'Validates one column spec {name, type, read_only?, scratch?} and returns it with the canonical type (resolve_type).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.check_filter(t snapbase.workbook_tables, filter text)
  RETURNS void
@@ -1394,6 +1389,7 @@ begin
   end loop;
 end;
 $function$;
+comment on function snapbase_private.check_values(snapbase.workbook_tables,jsonb,boolean) is 'Checks a {column: value} object against the table: known columns, writable ones (read-only columns only on records new to the source), values of the right type. The type error names the column.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.column_names(t snapbase.workbook_tables, published boolean DEFAULT false)
  RETURNS text[]
@@ -1404,6 +1400,7 @@ AS $function$
     from jsonb_array_elements(t.columns) with ordinality as e(c, ord)
    where not (published and coalesce((c ->> 'scratch')::boolean, false))
 $function$;
+comment on function snapbase_private.column_names(snapbase.workbook_tables,boolean) is 'Names of a workbook table''s columns in order; published leaves out scratch columns.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.create_workbook_table(wb snapbase.workbooks, name text, columns jsonb, remote_id_column text, title_column text, source jsonb)
  RETURNS snapbase.workbook_tables
@@ -1415,11 +1412,12 @@ declare
   base text := left(trim(both '_' from regexp_replace(lower(trim(name)), '[^a-z0-9]+', '_', 'g')), 50);
   tname text;
   t snapbase.workbook_tables;
+  waits_for_download boolean := coalesce(source ->> 'kind', 'local') not in ('local', 'managed_table');
 begin
-  if jsonb_typeof(columns) is distinct from 'array' or jsonb_array_length(columns) = 0 then
+  if jsonb_typeof(columns) is distinct from 'array' or (jsonb_array_length(columns) = 0 and not waits_for_download) then
     raise exception 'a workbook table needs a non-empty array of columns' using errcode = '22023';
   end if;
-  select jsonb_agg(snapbase_private.check_column_spec(c) order by ord) into spec
+  select coalesce(jsonb_agg(snapbase_private.check_column_spec(c) order by ord), '[]') into spec
     from jsonb_array_elements(columns) with ordinality as e(c, ord);
   if (select count(distinct c ->> 'name') from jsonb_array_elements(spec) c) <> jsonb_array_length(spec) then
     raise exception 'column names must be unique' using errcode = '22023';
@@ -1437,9 +1435,10 @@ begin
   insert into snapbase.workbook_tables (workbook_id, name, table_name, columns, remote_id_column, title_column, source)
     values (wb.id, trim(name), tname, spec, remote_id_column, title_column, coalesce(source, '{"kind": "local"}'))
     returning * into t;
+  -- Types are check_column_spec's: accepted by PostgreSQL and of the plain shape of a type name.
   execute format($ddl$
     create table %I.%I (
-      %s,
+      %s
       __id bigint generated always as identity primary key,
       __remote_id text,
       __last_seen jsonb,
@@ -1455,14 +1454,16 @@ begin
       __publish jsonb,
       __seen_job bigint
     )$ddl$, wb.schema_name, tname,
-    (select string_agg(format('%I %s', c ->> 'name', c ->> 'type'), ', ') from jsonb_array_elements(spec) c));
+    (select coalesce(string_agg(format('%I %s,', c ->> 'name', c ->> 'type'), ' '), '') from jsonb_array_elements(spec) c));
   execute format('create index on %I.%I (__id) where __suggested <> ''{}'' or __suggest_delete is not null or __suggested_new',
     wb.schema_name, tname);
   execute format('create unique index on %I.%I (__remote_id) where __remote_id is not null', wb.schema_name, tname);
+  perform snapbase_private.index_publish_issues(t);
   execute format('comment on table %I.%I is %L', wb.schema_name, tname, format('Snapbase workbook table %s: %s', t.id, t.name));
   return t;
 end;
 $function$;
+comment on function snapbase_private.create_workbook_table(snapbase.workbooks,text,jsonb,text,text,jsonb) is 'Creates a workbook table (its row and the physical table in the workbook''s schema) from a checked column spec; callers check access and audit.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.ensure_sort_index(t snapbase.workbook_tables, col text)
  RETURNS void
@@ -1473,6 +1474,7 @@ begin
   execute format('create index if not exists %I on %s (%I, __id)', left('sort_' || md5(col), 40), snapbase_private.table_rel(t), col);
 end;
 $function$;
+comment on function snapbase_private.ensure_sort_index(snapbase.workbook_tables,text) is 'Sorting by a column keeps an index on (column, __id) so pages come from the index.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.filter_clause(t snapbase.workbook_tables)
  RETURNS text
@@ -1509,6 +1511,7 @@ begin
             from snapbase_private.filter_parameters(t) p where p.ord = any (probe.params));
 end;
 $function$;
+comment on function snapbase_private.filter_columns(snapbase.workbook_tables,text) is 'The columns a checked filter uses, as [{name, type}], recorded so the filter applies only while they are unchanged.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.filter_parameters(t snapbase.workbook_tables, hide text[] DEFAULT '{}'::text[])
  RETURNS TABLE(ord integer, name text, type text)
@@ -1522,6 +1525,7 @@ AS $function$
      and a.attname::text = any (snapbase_private.column_names(t)) and a.attname::text <> all (coalesce(hide, '{}'))
    order by a.attnum
 $function$;
+comment on function snapbase_private.filter_parameters(snapbase.workbook_tables,text[]) is 'The names a filter may use on a workbook table: its data and scratch columns with their catalog types, in table order, less hide.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.filter_problem(t snapbase.workbook_tables, filter text)
  RETURNS text
@@ -1550,6 +1554,7 @@ begin
   return null;
 end;
 $function$;
+comment on function snapbase_private.filter_problem(snapbase.workbook_tables,text) is 'Why a filter may not be used on a workbook table (null: it may): parsed as one expression over the table''s columns by probe_user_text, never planned or run.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.get_record(t snapbase.workbook_tables, record_id bigint, hide text[] DEFAULT '{}'::text[])
  RETURNS jsonb
@@ -1605,6 +1610,7 @@ AS $function$
   select exists (select 1 from snapbase.organization_members m
                   where m.organization_id = is_member.organization_id and m.user_id = snapbase.current_user_id())
 $function$;
+comment on function snapbase_private.is_member(bigint) is 'Whether the signed-in user belongs to the organization (security definer, so the membership policy does not recurse into itself).';
 grant execute on function snapbase_private.is_member(bigint) to :ROLE_VIEWER;
 
 CREATE OR REPLACE FUNCTION snapbase_private.my_invitation(invitation_id bigint)
@@ -1663,6 +1669,7 @@ AS $function$
                '__created', '__deleted', '__suggested_new', '__dirty', '__updated_at',
                '__source_deleted', '__publish', '__seen_job']
 $function$;
+comment on function snapbase_private.record_meta_columns() is 'The metadata columns every workbook table has after its data columns.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.refuse_hidden_columns(t snapbase.workbook_tables, vals jsonb)
  RETURNS void
@@ -1758,6 +1765,7 @@ begin
   return wb;
 end;
 $function$;
+comment on function snapbase_private.require_workbook(bigint,text) is 'Raises unless the caller may do what is asked with the workbook (read, suggest, edit or manage); "no workbook N" when it may not see it at all.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.scratch_columns(t snapbase.workbook_tables)
  RETURNS text[]
@@ -1766,6 +1774,27 @@ CREATE OR REPLACE FUNCTION snapbase_private.scratch_columns(t snapbase.workbook_
 AS $function$
   select coalesce(array_agg(c ->> 'name'), '{}') from jsonb_array_elements(t.columns) c where (c ->> 'scratch')::boolean
 $function$;
+
+CREATE OR REPLACE FUNCTION snapbase_private.suggester()
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select snapbase_private.actor_name() || case when snapbase.current_app_role() = 'agent' then ' (agent)' else '' end
+$function$;
+comment on function snapbase_private.suggester() is 'Who a suggestion is by: the signed-in user (or the database user in psql), with " (agent)" when an agent token made it.';
+
+CREATE OR REPLACE FUNCTION snapbase_private.suggestion_entries(vals jsonb)
+ RETURNS jsonb
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select coalesce(jsonb_object_agg(k, jsonb_build_object('value', v, 'by', snapbase_private.suggester(), 'at', now())), '{}')
+    from jsonb_each(vals) e(k, v)
+$function$;
+comment on function snapbase_private.suggestion_entries(jsonb) is 'Suggested values {column: value} as the entries a record''s __suggested column keeps: {column: {value, by, at}}.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.suggestion_scope(t snapbase.workbook_tables, record_id bigint, within_filter boolean)
  RETURNS text
@@ -1783,6 +1812,7 @@ begin
     end);
 end;
 $function$;
+comment on function snapbase_private.suggestion_scope(snapbase.workbook_tables,bigint,boolean) is 'The WHERE clause choosing which records'' suggestions to act on; within the filter, the filter reader finds the matching ids first.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.table_rel(t snapbase.workbook_tables)
  RETURNS text
