@@ -26,7 +26,7 @@ import {
   type WriteOptions,
 } from "./types.ts";
 import { CsvTypeRules, type CsvColumnKinds } from "./csv-inference.ts";
-import { NETWORK_ERROR_CODES, isPlainError, messageOf, missingRecord, postgresWriteStatus } from "./values.ts";
+import { NETWORK_ERROR_CODES, connectorFailures, isPlainError, messageOf, missingRecord, postgresWriteStatus } from "./values.ts";
 
 export interface CsvCredentials {
   fileId: string;
@@ -309,13 +309,7 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
   // version understood, and read it again only when a new version or override appears.
   let cached: Loaded | undefined;
 
-  async function guard<T>(work: () => Promise<T>): Promise<T> {
-    try {
-      return await work();
-    } catch (error) {
-      throw asConnectorError(error);
-    }
-  }
+  const { guard, guardDownload } = connectorFailures(describeCsvError);
 
   async function load(db: pg.ClientBase | pg.Pool = pool): Promise<Loaded> {
     const { rows: [head] } = await db.query(LATEST_KEY, [fileId]);
@@ -398,29 +392,27 @@ export function csvConnector(credentials: CsvCredentials, opts: { ownerUrl: stri
     }
   }
 
-  async function* downloadTable(table: string, { batchSize, signal }: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
-    try {
-      signal?.throwIfAborted();
-      const loaded = await loadTable(table);
-      const size = Math.max(1, Math.floor(batchSize));
-      let batch: RemoteRecord[] = [];
-      for await (const records of dataRecords(loaded)) {
-        for (const { remoteId, fields } of records) {
-          batch.push({ remoteId, values: valuesOf(loaded, fields, remoteId) });
-          if (batch.length >= size) {
-            signal?.throwIfAborted();
-            yield batch;
-            batch = [];
-          }
+  async function* recordBatches(table: string, { batchSize, signal }: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
+    signal?.throwIfAborted();
+    const loaded = await loadTable(table);
+    const size = Math.max(1, Math.floor(batchSize));
+    let batch: RemoteRecord[] = [];
+    for await (const records of dataRecords(loaded)) {
+      for (const { remoteId, fields } of records) {
+        batch.push({ remoteId, values: valuesOf(loaded, fields, remoteId) });
+        if (batch.length >= size) {
+          signal?.throwIfAborted();
+          yield batch;
+          batch = [];
         }
       }
-      signal?.throwIfAborted();
-      if (batch.length > 0) yield batch;
-    } catch (error) {
-      // The caller's own abort reason is passed on as it is.
-      if (signal?.aborted && error === signal.reason) throw error;
-      throw asConnectorError(error);
     }
+    signal?.throwIfAborted();
+    if (batch.length > 0) yield batch;
+  }
+
+  function downloadTable(table: string, opts: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
+    return guardDownload(recordBatches(table, opts), opts.signal);
   }
 
   /**
@@ -585,8 +577,7 @@ class Draft {
 /** SQLSTATEs of a connection or server in trouble (08 connection, 40 serialization/deadlock, 53 resources, 57 shutdown/cancel). */
 const TRANSIENT_SQLSTATE = /^(08|40|53|57P0[123]|57014)/;
 
-function asConnectorError(error: unknown): ConnectorError {
-  if (error instanceof ConnectorError) return error;
+function describeCsvError(error: unknown): ConnectorError {
   const code = (error as { code?: unknown } | null)?.code;
   const transient = typeof code === "string"
     ? NETWORK_ERROR_CODES.has(code) || TRANSIENT_SQLSTATE.test(code)

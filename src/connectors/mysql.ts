@@ -17,7 +17,7 @@ import {
 import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
-  asConnectorError,
+  connectorFailures,
   isPlainError,
   messageOf,
   missingRecord,
@@ -77,17 +77,8 @@ export function mysqlConnector(credentials: MysqlCredentials): Connector {
       if (error) log.debug("could not set sql_mode on a MySQL source connection", { error: error.message });
     });
   });
-  const describe = (error: unknown) => describeError(error, credentials);
+  const { guard, guardDownload } = connectorFailures((error) => describeError(error, credentials));
   let mariaDb: Promise<boolean> | undefined;
-
-  /** Runs one public call, reporting any failure as a ConnectorError. */
-  async function guard<T>(work: () => Promise<T>): Promise<T> {
-    try {
-      return await work();
-    } catch (error) {
-      throw asConnectorError(error, describe);
-    }
-  }
 
   async function withConnection<T>(work: (c: mysql.PoolConnection) => Promise<T>): Promise<T> {
     const connection = await pool.getConnection();
@@ -181,14 +172,8 @@ export function mysqlConnector(credentials: MysqlCredentials): Connector {
     close: () => pool.end(),
   };
 
-  async function* downloadTable(table: string, opts: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
-    try {
-      yield* keysetPages(table, opts);
-    } catch (error) {
-      // The caller's own abort reason is passed on as it is.
-      if (opts.signal?.aborted && error === opts.signal.reason) throw error;
-      throw asConnectorError(error, describe);
-    }
+  function downloadTable(table: string, opts: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
+    return guardDownload(keysetPages(table, opts), opts.signal);
   }
 
   // Pages by primary key (where pk > last order by pk limit n) inside one consistent

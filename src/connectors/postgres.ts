@@ -17,7 +17,7 @@ import {
 import {
   NETWORK_ERROR_CODES,
   applyEachInTransaction,
-  asConnectorError,
+  connectorFailures,
   isPlainError,
   messageOf,
   missingRecord,
@@ -67,15 +67,7 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
     ...(credentials.managedAs ? { sessionSettings: { role: credentials.managedAs } } : {}),
   });
 
-  const describe = (error: unknown) => describeError(error, secrets);
-  /** Runs one public call, reporting any failure as a ConnectorError. */
-  async function guard<T>(work: () => Promise<T>): Promise<T> {
-    try {
-      return await work();
-    } catch (error) {
-      throw asConnectorError(error, describe);
-    }
-  }
+  const { guard, guardDownload } = connectorFailures((error) => describeError(error, secrets));
 
   async function withClient<T>(work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
     const client = await pool.connect();
@@ -128,14 +120,8 @@ export function postgresConnector(credentials: PostgresCredentials): Connector {
     close: () => pool.end(),
   };
 
-  async function* downloadTable(table: string, { batchSize, signal }: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
-    try {
-      yield* cursorBatches(table, batchSize, signal);
-    } catch (error) {
-      // The caller's own abort reason is passed on as it is.
-      if (signal?.aborted && error === signal.reason) throw error;
-      throw asConnectorError(error, describe);
-    }
+  function downloadTable(table: string, { batchSize, signal }: DownloadOptions): AsyncGenerator<RemoteRecord[]> {
+    return guardDownload(cursorBatches(table, batchSize, signal), signal);
   }
 
   // A server-side cursor in a read-only transaction: one consistent snapshot, read

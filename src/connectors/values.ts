@@ -78,9 +78,33 @@ export async function postgresWriteStatus(
   }
 }
 
-/** Wraps any failure in a ConnectorError, keeping ConnectorErrors as they are. */
-export function asConnectorError(error: unknown, describe: (error: unknown) => ConnectorError): ConnectorError {
-  return error instanceof ConnectorError ? error : describe(error);
+/**
+ * How a connector's public calls fail: as a ConnectorError (ConnectorErrors as they
+ * are, anything else through `describe`), except that a download passes its caller's
+ * own abort reason on as it is.
+ */
+export function connectorFailures(describe: (error: unknown) => ConnectorError): {
+  guard<T>(work: () => Promise<T>): Promise<T>;
+  guardDownload<T>(batches: AsyncIterable<T>, signal: AbortSignal | undefined): AsyncGenerator<T>;
+} {
+  const asConnectorError = (error: unknown) => (error instanceof ConnectorError ? error : describe(error));
+  return {
+    async guard(work) {
+      try {
+        return await work();
+      } catch (error) {
+        throw asConnectorError(error);
+      }
+    },
+    async *guardDownload(batches, signal) {
+      try {
+        yield* batches;
+      } catch (error) {
+        if (signal?.aborted && error === signal.reason) throw error;
+        throw asConnectorError(error);
+      }
+    },
+  };
 }
 
 /**
