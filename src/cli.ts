@@ -103,37 +103,20 @@ async function main(): Promise<void> {
       return start(config, { server: true, worker: config.worker.enabled && !args.includes("--no-worker") });
     case "worker":
       return start(config, { server: false, worker: true });
-    case "migrate": {
-      const db = await prepareDatabase(config);
-      log.info("database is migrated");
-      await db.stop();
-      return;
-    }
-    case "migrate-commit": {
-      const db = await prepareDatabase(config, { migrate: false });
-      try {
-        await commitMigration(db.migrationTarget, args.join(" ") || undefined);
-      } finally {
-        await db.stop();
-      }
-      return;
-    }
-    case "export-schema": {
-      const db = await prepareDatabase(config);
-      try {
+    case "migrate":
+      return withDatabase(config, async () => log.info("database is migrated"));
+    case "migrate-commit":
+      return withDatabase(config, (db) => commitMigration(db.migrationTarget, args.join(" ") || undefined), { migrate: false });
+    case "export-schema":
+      return withDatabase(config, async (db) => {
         const sdl = await exportSchema({ authenticatorUrl: db.authenticatorUrl, jwtSecret: db.jwtSecret, roles: db.migrationTarget.roles });
         writeFileSync(path.join(projectRoot, "schema.graphql"), sdl);
         log.info("wrote schema.graphql");
-      } finally {
-        await db.stop();
-      }
-      return;
-    }
-    case "dump-schema": {
+      });
+    case "dump-schema":
       // schema/*.sql: the current definition of every object, from a fresh database built
       // from the migrations. --check: compare with schema/ instead of writing it (CI).
-      const db = await prepareDatabase(config);
-      try {
+      return withDatabase(config, async (db) => {
         const files = await dumpFromMigrations(db.migrationTarget, { includeCurrent: config.env !== "production" });
         const folder = path.relative(projectRoot, schemaFolder);
         if (args.includes("--check")) {
@@ -144,13 +127,19 @@ async function main(): Promise<void> {
           writeDump(files);
           log.info("wrote the schema dump", { folder, files: [...files.keys()] });
         }
-      } finally {
-        await db.stop();
-      }
-      return;
-    }
+      });
     default:
       throw new Error(`unknown command ${JSON.stringify(command)} (start, worker, migrate, migrate-commit, export-schema, dump-schema)`);
+  }
+}
+
+/** Runs a one-off command against the prepared (by default migrated) database, then stops it. */
+async function withDatabase(config: Config, work: (db: Database) => Promise<void>, opts?: Parameters<typeof prepareDatabase>[1]): Promise<void> {
+  const db = await prepareDatabase(config, opts);
+  try {
+    await work(db);
+  } finally {
+    await db.stop();
   }
 }
 

@@ -268,24 +268,11 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   // Requests run on the authenticator pool, which resets each connection before
   // reuse. jit_optimize_above_cost is what @dataplan/pg sets on its connections;
   // as a start-up setting it survives the reset's RESET ALL.
-  const authPool = createPool({
-    name: "authenticator",
-    connectionString: opts.authenticatorUrl,
-    max: opts.authenticatorPoolSize ?? 20,
-    resetOnRelease: true,
-    connectionTimeoutMillis: 15_000,
-    sessionSettings: { jit_optimize_above_cost: "-1" },
-  });
+  const requestPool = (name: string, max: number, options: Partial<Parameters<typeof createPool>[0]>) =>
+    createPool({ name, connectionString: opts.authenticatorUrl, max, resetOnRelease: true, connectionTimeoutMillis: 15_000, ...options });
+  const authPool = requestPool("authenticator", opts.authenticatorPoolSize ?? 20, { sessionSettings: { jit_optimize_above_cost: "-1" } });
   // REST's JSON: numbers as numbers where a double holds them, times in UTC (rest/json.ts).
-  const restPool = createPool({
-    name: "rest",
-    connectionString: opts.authenticatorUrl,
-    max: opts.restPoolSize ?? 10,
-    resetOnRelease: true,
-    connectionTimeoutMillis: 15_000,
-    types: restJsonTypes,
-    sessionSettings: { TimeZone: "UTC" },
-  });
+  const restPool = requestPool("rest", opts.restPoolSize ?? 10, { types: restJsonTypes, sessionSettings: { TimeZone: "UTC" } });
   const ownerPool = createPool({ name: "owner", connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 15_000 });
   const shutdown = new AbortController();
   const drainMs = opts.shutdownDrainMs ?? DEFAULT_SHUTDOWN_DRAIN_MS;
