@@ -6,10 +6,10 @@
 import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { withUrlParts } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 const RUN = randomBytes(4).toString("hex");
 const SOURCE_DB = `snapbase_wide_source_${RUN}`;
@@ -22,6 +22,7 @@ let editor: TestUser, admin: TestUser;
 let token: string;
 let source: pg.Client;
 let sourceUrl: string;
+let sourceDb: SourceDatabase;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
   const res = await graphql(server.url, query, variables, as);
@@ -49,14 +50,8 @@ async function publish(wb: string) {
 }
 
 beforeAll(async () => {
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`create database ${SOURCE_DB}`);
-  await root.end();
-  sourceUrl = withUrlParts(db.rootUrl, { database: SOURCE_DB });
-  source = new pg.Client({ connectionString: sourceUrl });
-  await source.connect();
+  sourceDb = await createSourceDatabase({ database: SOURCE_DB });
+  ({ client: source, url: sourceUrl } = sourceDb);
   await source.query(`
     create table public.wide (id bigint primary key, big bigint, exact numeric, scaled numeric(38,10), note text, doc jsonb);
     insert into public.wide values
@@ -71,11 +66,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await worker?.stop();
   await server?.close();
-  await source?.end();
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.end();
+  await sourceDb?.drop();
 });
 
 describe("numbers wider than a double", () => {

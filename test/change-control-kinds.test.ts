@@ -6,31 +6,14 @@ import { execFile } from "node:child_process";
 import { promisify } from "node:util";
 import pg from "pg";
 import { beforeAll, describe, expect, it } from "vitest";
-import { createUser, db, owner, type TestUser } from "./helpers.ts";
+import { createUser, db, owner, type Notice, type TestUser, connectAs } from "./helpers.ts";
 
 let admin: TestUser, editor: TestUser;
-
-interface Notice {
-  severity?: string;
-  message?: string;
-}
 
 async function q(sql: string, params: unknown[] = []) {
   return (await owner().query(sql, params)).rows;
 }
 
-/** A committed session as a Snapbase user, collecting every notice and warning it receives. */
-async function connectAs(user: TestUser): Promise<pg.Client & { notices: Notice[] }> {
-  const c = new pg.Client({ connectionString: db.authenticatorUrl }) as pg.Client & { notices: Notice[] };
-  c.notices = [];
-  c.on("notice", (n) => c.notices.push(n));
-  await c.connect();
-  // The client's own default: every NOTICE is sent (psql shows them).
-  await c.query("set client_min_messages = notice");
-  await c.query("select set_config('role', $1, false), set_config('jwt.claims.user_id', $2, false), set_config('jwt.claims.email', $3, false), set_config('jwt.claims.role', $4, false)",
-    [db.roles[user.role], user.id, user.email, user.role]);
-  return c;
-}
 
 async function as<T>(user: TestUser, fn: (c: pg.Client & { notices: Notice[] }) => Promise<T>): Promise<T> {
   const c = await connectAs(user);

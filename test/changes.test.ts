@@ -4,20 +4,11 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import {
-  actorOf, asActor, createUser, db, graphql, http, owner, sqlState, startTestServer, TEST_PASSWORD, type TestUser,
-} from "./helpers.ts";
+  actorOf, asActor, createUser, db, graphql, http, owner, sqlState, startTestServer, TEST_PASSWORD, type TestUser, connectAs } from "./helpers.ts";
 
 let server: RunningServer;
 let admin: TestUser, admin2: TestUser, editor: TestUser, viewer: TestUser;
 
-/** Runs SQL as a user on its own committed connection (for concurrency tests). */
-async function connectAs(user: TestUser): Promise<pg.Client> {
-  const c = new pg.Client({ connectionString: db.authenticatorUrl });
-  await c.connect();
-  await c.query("select set_config('role', $1, false), set_config('jwt.claims.user_id', $2, false), set_config('jwt.claims.email', $3, false), set_config('jwt.claims.role', $4, false)",
-    [db.roles[user.role], user.id, user.email, user.role]);
-  return c;
-}
 
 async function q(sql: string, params: unknown[] = []) {
   return (await owner().query(sql, params)).rows;

@@ -10,10 +10,10 @@ import mysql from "mysql2/promise";
 import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { localColumnName } from "../src/connectors/names.ts";
-import { withUrlParts } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 const RUN = randomBytes(4).toString("hex");
 const SOURCE_DB = `snapbase_names_source_${RUN}`;
@@ -25,6 +25,7 @@ let editor: TestUser;
 let token: string;
 let source: pg.Client;
 let sourceUrl: string;
+let sourceDb: SourceDatabase;
 let mysqlConn: mysql.Connection;
 
 /** Names of Snapbase's own SQL (aliases, the keys of its JSON) and metadata columns, and the usual hard cases. */
@@ -140,14 +141,8 @@ async function publishAndRefresh({ wb, tableId, names, key, readSource }: Downlo
 }
 
 beforeAll(async () => {
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`create database ${SOURCE_DB}`);
-  await root.end();
-  sourceUrl = withUrlParts(db.rootUrl, { database: SOURCE_DB });
-  source = new pg.Client({ connectionString: sourceUrl });
-  await source.connect();
+  sourceDb = await createSourceDatabase({ database: SOURCE_DB });
+  ({ client: source, url: sourceUrl } = sourceDb);
   mysqlConn = await mysql.createConnection(MYSQL_URL);
   server = await startTestServer();
   worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: 2, credentialsKey: TEST_CREDENTIALS_KEY });
@@ -159,12 +154,8 @@ afterAll(async () => {
   await mysqlConn?.query(`drop table if exists sb_names_${RUN}`).catch(() => {});
   await worker?.stop();
   await server?.close();
-  await source?.end();
   await mysqlConn?.end();
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.end();
+  await sourceDb?.drop();
 });
 
 describe("every column name", () => {

@@ -9,8 +9,8 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
-import { withUrlParts } from "../src/db/urls.ts";
 import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, tokenFor, type TestUser } from "./helpers.ts";
+import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 const RUN = randomBytes(4).toString("hex");
 const SOURCE_DB = `snapbase_conflicts_source_${RUN}`;
@@ -23,6 +23,7 @@ let alice: TestUser, victor: TestUser;
 let token: string;
 let source: pg.Client;
 let sourceUrl: string;
+let sourceDb: SourceDatabase;
 let account: string;
 
 const gqlAs = async (as: string, query: string, variables: Record<string, unknown> = {}) => {
@@ -77,16 +78,8 @@ async function inSyncWithLastSeen(rel: string, id: string): Promise<boolean> {
 }
 
 beforeAll(async () => {
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`drop role if exists ${SOURCE_USER}`);
-  await root.query(`create role ${SOURCE_USER} login password 'source-password'`);
-  await root.query(`create database ${SOURCE_DB} owner ${SOURCE_USER}`);
-  await root.end();
-  sourceUrl = withUrlParts(db.rootUrl, { user: SOURCE_USER, password: "source-password", database: SOURCE_DB });
-  source = new pg.Client({ connectionString: sourceUrl });
-  await source.connect();
+  sourceDb = await createSourceDatabase({ database: SOURCE_DB, user: SOURCE_USER });
+  ({ client: source, url: sourceUrl } = sourceDb);
   await source.query(`
     create table public.people (
       id bigint generated always as identity (start with 5001) primary key,
@@ -111,12 +104,7 @@ beforeAll(async () => {
 afterAll(async () => {
   await worker?.stop();
   await server?.close();
-  await source?.end();
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`drop role if exists ${SOURCE_USER}`);
-  await root.end();
+  await sourceDb?.drop();
 });
 
 describe("after a publish the workbook holds what the source stored", () => {

@@ -12,10 +12,10 @@ import { mysqlConnector } from "../src/connectors/mysql.ts";
 import { postgresConnector } from "../src/connectors/postgres.ts";
 import { ConnectorError } from "../src/connectors/types.ts";
 import { projectRoot } from "../src/db/migrate.ts";
-import { withUrlParts } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 // Killed workers and lost connections are the point here: their (expected) errors are not logged.
 
@@ -30,6 +30,7 @@ let alice: TestUser;
 let token: string;
 let source: pg.Client;
 let sourceUrl: string;
+let sourceDb: SourceDatabase;
 let account: string;
 const children = new Set<ChildProcess>();
 const workers: Worker[] = [];
@@ -127,17 +128,8 @@ const publish = async (wb: string): Promise<string> =>
   (await gql(`mutation($w: BigInt!) { publishWorkbook(input: { workbookId: $w }) { result { rowId } } }`, { w: wb })).publishWorkbook.result[0].rowId;
 
 beforeAll(async () => {
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`drop role if exists ${SOURCE_USER}`);
-  await root.query(`create role ${SOURCE_USER} login password 'source-password'`);
-  await root.query(`create database ${SOURCE_DB} owner ${SOURCE_USER}`);
-  await root.end();
-  sourceUrl = withUrlParts(db.rootUrl, { user: SOURCE_USER, password: "source-password", database: SOURCE_DB });
-  source = new pg.Client({ connectionString: sourceUrl });
-  source.on("error", () => {});
-  await source.connect();
+  sourceDb = await createSourceDatabase({ database: SOURCE_DB, user: SOURCE_USER });
+  ({ client: source, url: sourceUrl } = sourceDb);
   await source.query(`
     create table public.big (id int primary key, label text not null);
     insert into public.big select n, 'row ' || n from generate_series(1, 3000) n;
@@ -165,12 +157,7 @@ afterAll(async () => {
   for (const child of children) child.kill("SIGKILL");
   await stopWorkers();
   await server?.close();
-  await source?.end();
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`drop role if exists ${SOURCE_USER}`);
-  await root.end();
+  await sourceDb?.drop();
 });
 
 describe("a worker killed mid-job (kill -9)", () => {
@@ -226,6 +213,30 @@ describe("a worker killed mid-job (kill -9)", () => {
   });
 });
 
+/**
+ * Publishes the workbook with a worker process that is killed (-9) while the
+ * source holds its COMMIT open, so the batch lands at the source after the worker
+ * died; a live worker then resumes the job. Returns the settled job.
+ */
+async function publishKilledDuringCommit(wb: string) {
+  const { child } = await spawnWorker();
+  await source.query("select pg_advisory_lock($1)", [HOLD_KEY]);
+  let job: string;
+  try {
+    job = await publish(wb);
+    // The batch is written and its intent recorded; COMMIT waits in the deferred trigger.
+    await waitFor("the source's COMMIT to be held", () => sourceWaiting("advisory"));
+    expect((await owner().query("select count(*)::int as n from snapbase_private.publish_batches where job_id = $1 and settled_at is null", [job])).rows[0].n).toBe(1);
+    await kill9(child);
+    await startInProcessWorker();
+    // The live worker resumes the job and waits for the source to say how the interrupted transaction ended.
+    await waitFor("the resumed job to wait for the open transaction", async () => /waiting for transaction/.test((await jobRow(job)).message ?? ""));
+  } finally {
+    await source.query("select pg_advisory_unlock($1)", [HOLD_KEY]);
+  }
+  return settledJob(job);
+}
+
 describe("a publish cut off after the source committed", () => {
   it("creates: the held COMMIT lands after the worker dies, and the retry records it instead of creating rows again", async () => {
     const { wb, tableId, rel } = await downloaded("public.items");
@@ -235,22 +246,7 @@ describe("a publish cut off after the source committed", () => {
     expect(created.bulkEditRecords.result.ok).toBe(true);
     await source.query("truncate public.writes");
 
-    const { child } = await spawnWorker();
-    await source.query("select pg_advisory_lock($1)", [HOLD_KEY]);
-    let job: string;
-    try {
-      job = await publish(wb);
-      // The batch is written and its intent recorded; COMMIT waits in the deferred trigger.
-      await waitFor("the source's COMMIT to be held", () => sourceWaiting("advisory"));
-      expect((await owner().query("select count(*)::int as n from snapbase_private.publish_batches where job_id = $1 and settled_at is null", [job])).rows[0].n).toBe(1);
-      await kill9(child);
-      await startInProcessWorker();
-      // The live worker resumes the job and waits for the source to say how the interrupted transaction ended.
-      await waitFor("the resumed job to wait for the open transaction", async () => /waiting for transaction/.test((await jobRow(job)).message ?? ""));
-    } finally {
-      await source.query("select pg_advisory_unlock($1)", [HOLD_KEY]);
-    }
-    const done = await settledJob(job);
+    const done = await publishKilledDuringCommit(wb);
     expect(done).toMatchObject({ state: "partial", result: { published: 28, failed: 2, conflicts: 0 }, done: "30", total: "30",
       error: expect.stringMatching(/2 of 30 records were not published \(2 failed/) });
 
@@ -280,19 +276,7 @@ describe("a publish cut off after the source committed", () => {
       .bulkEditRecords.result.ok).toBe(true);
     await source.query("truncate public.writes");
 
-    const { child } = await spawnWorker();
-    await source.query("select pg_advisory_lock($1)", [HOLD_KEY]);
-    let job: string;
-    try {
-      job = await publish(wb);
-      await waitFor("the source's COMMIT to be held", () => sourceWaiting("advisory"));
-      await kill9(child);
-      await startInProcessWorker();
-      await waitFor("the resumed job to wait for the open transaction", async () => /waiting for transaction/.test((await jobRow(job)).message ?? ""));
-    } finally {
-      await source.query("select pg_advisory_unlock($1)", [HOLD_KEY]);
-    }
-    const done = await settledJob(job);
+    const done = await publishKilledDuringCommit(wb);
     expect(done).toMatchObject({ state: "succeeded", result: { published: 25, failed: 0, conflicts: 0 }, done: "25", total: "25" });
     // Each row updated once, with the workbook's value; no record left in conflict or dirty.
     expect((await source.query("select count(*)::int as n, count(distinct id)::int as rows from public.writes where op = 'UPDATE'")).rows[0]).toEqual({ n: 25, rows: 25 });

@@ -92,6 +92,24 @@ export async function createUser(role: TestUser["role"], label: string = role): 
   return { id: String(rows[0].id), email, role };
 }
 
+/** What a session receives from RAISE NOTICE / WARNING. */
+export interface Notice {
+  severity?: string;
+  message?: string;
+}
+
+/** A committed session as a Snapbase user (for concurrency tests), collecting every notice and warning it receives. */
+export async function connectAs(user: TestUser): Promise<pg.Client & { notices: Notice[] }> {
+  const c = Object.assign(new pg.Client({ connectionString: db.authenticatorUrl }), { notices: [] as Notice[] });
+  c.on("notice", (n) => c.notices.push(n));
+  await c.connect();
+  // The client's own default: every NOTICE is sent (psql shows them).
+  await c.query("set client_min_messages = notice");
+  await c.query("select set_config('role', $1, false), set_config('jwt.claims.user_id', $2, false), set_config('jwt.claims.email', $3, false), set_config('jwt.claims.role', $4, false)",
+    [db.roles[user.role], user.id, user.email, user.role]);
+  return c;
+}
+
 export const actorOf = (u: TestUser): Actor => ({ role: u.role, userId: u.id, email: u.email });
 
 /** Signs in through SQL (snapbase.authenticate opens a session and returns its

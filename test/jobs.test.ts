@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { createUser, db, graphql, http, logged, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 import { withUrlParts } from "../src/db/urls.ts";
 
 // Cluster-wide names are unique per run, so suites of several checkouts can share a server.
@@ -23,6 +24,7 @@ let alice: TestUser, admin: TestUser;
 let token: string;
 let source: pg.Client;
 let sourceUrl: string;
+let sourceDb: SourceDatabase;
 let mysqlConn: mysql.Connection;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
@@ -59,16 +61,8 @@ async function publish(wb: string, force = false) {
 }
 
 beforeAll(async () => {
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`drop role if exists ${SOURCE_USER}`);
-  await root.query(`create role ${SOURCE_USER} login password '${SOURCE_PASSWORD}'`);
-  await root.query(`create database ${SOURCE_DB} owner ${SOURCE_USER}`);
-  await root.end();
-  sourceUrl = withUrlParts(db.rootUrl, { user: SOURCE_USER, password: SOURCE_PASSWORD, database: SOURCE_DB });
-  source = new pg.Client({ connectionString: sourceUrl });
-  await source.connect();
+  sourceDb = await createSourceDatabase({ database: SOURCE_DB, user: SOURCE_USER, password: SOURCE_PASSWORD });
+  ({ client: source, url: sourceUrl } = sourceDb);
   mysqlConn = await mysql.createConnection(MYSQL_URL);
 
   server = await startTestServer();
@@ -80,13 +74,8 @@ beforeAll(async () => {
 afterAll(async () => {
   await worker?.stop();
   await server?.close();
-  await source?.end();
   await mysqlConn?.end();
-  const root = new pg.Client({ connectionString: db.rootUrl });
-  await root.connect();
-  await root.query(`drop database if exists ${SOURCE_DB} with (force)`);
-  await root.query(`drop role if exists ${SOURCE_USER}`);
-  await root.end();
+  await sourceDb?.drop();
 });
 
 describe("connector accounts", () => {

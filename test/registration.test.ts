@@ -5,7 +5,7 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { databaseName, withUrlParts } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
-import { createUser, db, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser, connectAs } from "./helpers.ts";
 
 let server: RunningServer;
 let root: pg.Client;
@@ -20,13 +20,6 @@ async function missingGrants(table: string): Promise<string[]> {
   return (await asRoot("select snapbase.managed_tables_missing_grants(m) as g from snapbase.managed_tables m where m.qualified_name = $1", [table]))[0].g;
 }
 
-async function connectAs(user: TestUser): Promise<pg.Client> {
-  const c = new pg.Client({ connectionString: db.authenticatorUrl });
-  await c.connect();
-  await c.query("select set_config('role', $1, false), set_config('jwt.claims.user_id', $2, false), set_config('jwt.claims.email', $3, false), set_config('jwt.claims.role', $4, false)",
-    [db.roles[user.role], user.id, user.email, user.role]);
-  return c;
-}
 
 beforeAll(async () => {
   server = await startTestServer();
