@@ -1848,9 +1848,12 @@ CREATE OR REPLACE FUNCTION snapbase_private.tracking_fingerprint(target regclass
 AS $function$
   select concat_ws('|',
     (select c.relfilenode::text from pg_class c where c.oid = target),
-    -- A column's collation can change without a rewrite, and with it the key order.
-    (select string_agg(a.attcollation::text, ',' order by a.attnum) from pg_attribute a
-      where a.attrelid = target and a.attnum > 0 and not a.attisdropped),
+    -- Every attribute, dropped ones too: a column dropped and added again (same name
+    -- and type, so the same layout, and no rewrite) is a new attribute whose values
+    -- come from its default, not from any statement. Also a column's collation, which
+    -- can change without a rewrite, and with it the key order.
+    (select string_agg(format('%s:%s:%s:%s', a.attnum, a.atttypid, a.atttypmod, a.attcollation), ',' order by a.attnum)
+       from pg_attribute a where a.attrelid = target and a.attnum > 0),
     (select string_agg(format('%s:%s:%s:%s', t.oid, t.xmin, t.tgenabled, t.tgname), ',' order by t.tgname)
        from pg_trigger t where t.tgrelid = target and t.tgfoid = 'snapbase_private.tg__track_changes()'::regprocedure),
     case when text_form then (
@@ -1872,7 +1875,7 @@ AS $function$
        where t.typnamespace <> 'pg_catalog'::regnamespace
     ) end)
 $function$;
-comment on function snapbase_private.tracking_fingerprint(regclass,boolean) is 'The catalog state under which recorded changes are complete; compared between consecutive snapshots (any difference: a full capture). GRANTs and ANALYZE do not change it.';
+comment on function snapbase_private.tracking_fingerprint(regclass,boolean) is 'The catalog state under which recorded changes are complete; compared between consecutive snapshots (any difference: a full capture): the storage (relfilenode), every attribute with its number, type and collation (dropped ones too, so DROP COLUMN and ADD COLUMN change it), the tracking triggers'' catalog rows, and for text-form layouts the user-defined types. GRANTs, ANALYZE and SET DEFAULT do not change it.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.tracking_problem(target regclass, mt_id bigint)
  RETURNS text

@@ -131,6 +131,38 @@ describe("incremental snapshots equal the table", () => {
     expect(inSnapshot, `build ${s.build} (${s.build_reason})`).toEqual(inTable);
   });
 
+  it("after other column changes that rewrite nothing (siblings of DROP and ADD COLUMN)", async () => {
+    const t = await managed("inc_cols", "(id int primary key, v varchar(10), w int default 1, n numeric(10, 2), s text)");
+    await q(`insert into ${t} select g, 'v' || g, g, g / 3.0, 's' || g from generate_series(1, 40) g`);
+    await snap(t);
+    const relfilenode = async () => (await q(`select relfilenode::text as f from pg_class where oid = '${t}'::regclass`))[0].f;
+    const before = await relfilenode();
+    const steps: [string, "incremental" | "full"][] = [
+      // No row changes: nothing to rebuild.
+      [`alter table ${t} alter column w set default 2`, "incremental"],
+      // The same name and type again, with another default (or none).
+      [`alter table ${t} drop column w; alter table ${t} add column w int default 3`, "full"],
+      [`alter table ${t} drop column w; alter table ${t} add column w int`, "full"],
+      // Renamed away, re-added under the old name, the old one dropped: the same layout.
+      [`alter table ${t} rename column s to s_old; alter table ${t} add column s text default 'new'; alter table ${t} drop column s_old`, "full"],
+      // Types changed without a rewrite (the values and their text stay as they are).
+      [`alter table ${t} alter column v type varchar(20)`, "full"],
+      [`alter table ${t} alter column v type text`, "full"],
+      [`alter table ${t} alter column n type numeric(12, 2)`, "full"],
+      // A column added and dropped again: the layout is back, the attributes are not.
+      [`alter table ${t} add column tmp int default 9; alter table ${t} drop column tmp`, "full"],
+      [`update ${t} set w = 5 where id = 7`, "incremental"],
+    ];
+    for (const [ddl, build] of steps) {
+      await q(ddl);
+      const s = await snap(t);
+      const { inSnapshot, inTable } = await snapshotVsTable(t, s.id);
+      expect(inSnapshot, `${ddl}: build ${s.build} (${s.build_reason})`).toEqual(inTable);
+      expect(s.build, ddl).toBe(build);
+    }
+    expect(await relfilenode()).toBe(before);
+  });
+
   it("after the table inherits a parent, is written through it, and stops inheriting before the next snapshot", async () => {
     const t = await managed("inc_inherit", "(id int primary key, v text)");
     await q(`insert into ${t} select g, 'v' || g from generate_series(1, 20) g`);
