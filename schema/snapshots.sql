@@ -724,16 +724,17 @@ begin
   if not pg_has_role(current_user, owner, 'USAGE') then
     return format('%s is owned by %s, so its tracking triggers cannot be made ENABLE ALWAYS', target, owner);
   end if;
-  for ev in select * from (values ('insert', 'insert', 'referencing new table as new_rows'),
-                                  ('update', 'update', 'referencing old table as old_rows new table as new_rows'),
-                                  ('delete', 'delete', 'referencing old table as old_rows'),
-                                  ('truncate', 'truncate', '')) v(name, event, ref) loop
+  for ev in select * from (values ('insert', 'insert', 'referencing new table as new_rows', 'for each statement', 'enable always'),
+                                  ('update', 'update', 'referencing old table as old_rows new table as new_rows', 'for each statement', 'enable always'),
+                                  ('delete', 'delete', 'referencing old table as old_rows', 'for each statement', 'enable always'),
+                                  ('truncate', 'truncate', '', 'for each statement', 'enable always'),
+                                  ('no_inheritance', 'delete', 'referencing old table as old_rows', 'for each row when (false)', 'disable')) v(name, event, ref, fires, state) loop
     if exists (select 1 from pg_trigger t where t.tgrelid = target and t.tgname = '_900_snapbase_track_' || ev.name) then
       execute format('drop trigger %I on %s', '_900_snapbase_track_' || ev.name, target);
     end if;
-    execute format('create trigger %I after %s on %s %s for each statement execute function snapbase_private.tg__track_changes(%L)',
-      '_900_snapbase_track_' || ev.name, ev.event, target, ev.ref, mt.id);
-    execute format('alter table %s enable always trigger %I', target, '_900_snapbase_track_' || ev.name);
+    execute format('create trigger %I after %s on %s %s %s execute function snapbase_private.tg__track_changes(%L)',
+      '_900_snapbase_track_' || ev.name, ev.event, target, ev.ref, ev.fires, mt.id);
+    execute format('alter table %s %s trigger %I', target, ev.state, '_900_snapbase_track_' || ev.name);
   end loop;
   insert into snapbase_private.change_tracking (managed_table_id, base_snapshot_id, fingerprint)
   values (mt.id, null, null)
@@ -741,7 +742,7 @@ begin
   return snapbase_private.tracking_problem(target, mt.id);
 end;
 $function$;
-comment on function snapbase_private.arm_tracking(snapbase.managed_tables,regclass) is 'Installs (or confirms) the tracking triggers of a managed table. Owner only; called by register_table and, when the approving transaction already holds an EXCLUSIVE lock, by capture.';
+comment on function snapbase_private.arm_tracking(snapbase.managed_tables,regclass) is 'Installs (or confirms) the tracking triggers of a managed table: four ENABLE ALWAYS statement triggers that record changed keys, and a disabled ROW trigger with a transition table (WHEN (false)) that never fires but keeps the table from becoming an inheritance child or a partition. Owner only; called by register_table and, when the approving transaction already holds an EXCLUSIVE lock, by capture.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.binary_chunk_store(layout snapbase_private.row_layouts)
  RETURNS text
@@ -1905,6 +1906,7 @@ begin
   elsif exists (select 1 from pg_subscription_rel s where s.srrelid = target) then
     return 'logical replication writes into the table without firing statement triggers';
   end if;
+  -- Four statement triggers that record, ENABLE ALWAYS.
   select count(*) into armed
     from pg_trigger t
    where t.tgrelid = target
@@ -1916,7 +1918,23 @@ begin
   if armed < 4 then
     return 'the tracking triggers are missing, disabled or not ENABLE ALWAYS (snapbase.register_table re-arms them)';
   end if;
+  -- And one ROW trigger with a transition table that never fires (disabled, WHEN
+  -- (false)) but makes PostgreSQL refuse to make the table an inheritance child or a
+  -- partition, whose parent's statements would write it without firing the four; a
+  -- table detached again before the next snapshot would look untouched. Enabled it
+  -- would still guard, at a cost to every DELETE: only the armed form counts.
+  if not exists (
+       select 1 from pg_trigger t
+        where t.tgrelid = target
+          and t.tgname = '_900_snapbase_track_no_inheritance'
+          and t.tgfoid = 'snapbase_private.tg__track_changes()'::regprocedure
+          and t.tgenabled = 'D'
+          and t.tgtype = 9::int2  -- ROW, AFTER DELETE
+          and t.tgoldtable is not null
+          and t.tgnargs = 1 and encode(t.tgargs, 'escape') = mt_id::text || '\000') then
+    return 'the tracking triggers are missing the disabled _900_snapbase_track_no_inheritance, which keeps the table from becoming an inheritance child or a partition (snapbase.register_table re-arms it)';
+  end if;
   return null;
 end;
 $function$;
-comment on function snapbase_private.tracking_problem(regclass,bigint) is 'Null when the managed table''s changes are tracked, else why not. Tables whose rows can change without a statement trigger firing on them (partitions, inheritance parents and children, unlogged tables, subscribers) or whose visible rows depend on policies are never tracked.';
+comment on function snapbase_private.tracking_problem(regclass,bigint) is 'Null when the managed table''s changes are tracked, else why not. Tables whose rows can change without a statement trigger firing on them (partitions, inheritance parents and children, unlogged tables, subscribers) or whose visible rows depend on policies are never tracked; a tracked table''s fifth trigger (_900_snapbase_track_no_inheritance) keeps it from becoming an inheritance child or a partition between two snapshots.';
