@@ -291,6 +291,7 @@ declare
   raw jsonb;
   visible jsonb;
   previous jsonb;
+  previous_visible jsonb;
   older boolean := false;
   out_ids bigint[] := '{}';
   out_at timestamptz[] := '{}';
@@ -326,6 +327,7 @@ begin
   -- Oldest first, so that each snapshot is compared with the one before it.
   for s in select * from snapbase.snapshots x where x.managed_table_id = mt.id order by x.id loop
     raw := null;
+    chunk_identity := null;
     if s.primary_key is not distinct from newest.primary_key then
       select * into tree from snapbase_private.snapshot_trees t where t.snapshot_id = s.id;
       -- The key's composite type the snapshot's boundaries parse into (made by
@@ -353,8 +355,8 @@ begin
       -- (A record IS NOT NULL only when every field is: test a field.)
       if found.bounded then
         chunk_identity := coalesce(found.chunk_id::text, encode(found.chunk_hash, 'hex'));
-        if chunk_identity is not distinct from last_identity then
-          raw := previous;  -- the same chunk: the same row
+        if chunk_identity = last_identity then
+          raw := previous;  -- the same chunk as the snapshot before: the same row
         else
           execute format($q$
             select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
@@ -367,7 +369,6 @@ begin
             (select string_agg(format('(jsonb_populate_record(null::%s, $3)).%I', kt, c), ', ') from unnest(s.primary_key) c))
             into raw using found.chunk_id, found.chunk_hash, key;
         end if;
-        last_identity := chunk_identity;
       elsif found.bounded is not null then
         -- A snapshot from before trees kept no text-chunk boundaries: read it all.
         execute format($q$
@@ -377,9 +378,15 @@ begin
           (select string_agg(format('(r.rec).%I', c), ', ') from unnest(s.primary_key) c),
           (select string_agg(format('(jsonb_populate_record(null::%s, $2)).%I', kt, c), ', ') from unnest(s.primary_key) c))
           into raw using s.id, key;
-        last_identity := null;
       end if;
+      -- (found is all nulls for a tree without pages, an empty table: no chunk, no row.)
     end if;
+    -- The chunk this snapshot's row came from, or null when it came from none (an
+    -- empty table, another primary key, a snapshot from before trees): only the very
+    -- next snapshot may take the row over from it, never one after a gap.
+    last_identity := chunk_identity;
+    -- Compared as the caller sees them, as snapshot_diff does: a change in a column
+    -- the caller may not read is no change.
     visible := raw - snapbase_private.hidden_columns(s);
     if raw is not null or previous is not null then
       n := n + 1;
@@ -389,10 +396,11 @@ begin
       out_rows[n] := visible;
       out_change[n] := case when raw is null then 'removed'
                             when previous is null then case when older then 'added' else 'initial' end
-                            when raw = previous then 'unchanged'
+                            when visible = previous_visible then 'unchanged'
                             else 'changed' end;
     end if;
     previous := raw;
+    previous_visible := visible;
     older := true;
   end loop;
 
@@ -408,7 +416,7 @@ begin
      order by u.ord desc;
 end;
 $function$;
-comment on function snapbase.row_history(regclass,jsonb) is 'One row''s values across the table''s snapshots, newest first: initial (in the oldest snapshot), added, changed (with the fields), unchanged or removed, with the change request that took each snapshot. Reads only the chunk holding the key in each snapshot. Needs the right to read the live table.';
+comment on function snapbase.row_history(regclass,jsonb) is 'One row''s values across the table''s snapshots, newest first: initial (in the oldest snapshot), added, changed (with the fields), unchanged or removed, with the change request that took each snapshot. Rows are compared as the caller sees them: a change only in columns the caller may not read is unchanged. Reads only the chunk holding the key in each snapshot. Needs the right to read the live table.';
 grant execute on function snapbase.row_history(regclass,jsonb) to :ROLE_VIEWER;
 
 CREATE OR REPLACE FUNCTION snapbase.snapshot_as_of(target regclass, at timestamp with time zone)

@@ -106,6 +106,22 @@ describe("row_history", () => {
     ]);
   });
 
+  it("shows a row again after a snapshot taken under another primary key (no chunk looked up in between)", async () => {
+    const t = await managed("rh_pk", "(id int primary key, v text)");
+    await q(`insert into ${t} values (1, 'a'), (2, 'b')`);
+    const s1 = await snap(t);
+    await q(`alter table ${t} drop constraint rh_pk_pkey; alter table ${t} add primary key (id, v)`);
+    const s2 = await snap(t);
+    await q(`alter table ${t} drop constraint rh_pk_pkey; alter table ${t} add primary key (id)`);
+    const s3 = await snap(t); // the same rows, so the same stored chunk as s1
+    const history = await q(`select snapshot_id, change, "row" from snapbase.row_history('${t}', '{"id": 1}')`);
+    expect(history.map((h) => [String(h.snapshot_id), h.change, h.row])).toEqual([
+      [String(s3.id), "added", { id: 1, v: "a" }],
+      [String(s2.id), "removed", null],
+      [String(s1.id), "initial", { id: 1, v: "a" }],
+    ]);
+  });
+
   it("still answers after a column was dropped from the table (and does not name the dropped column)", async () => {
     const t = await managed("rh_dropped", "(id int primary key, v text, gone text)");
     await q(`insert into ${t} values (1, 'a', 'x')`);

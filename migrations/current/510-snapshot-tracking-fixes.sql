@@ -14,6 +14,11 @@
 --    statements ("ROW triggers with transition tables are not supported in
 --    inheritance hierarchies"; the check ignores whether the trigger is enabled).
 --    Dropping it is noticed like dropping one of the other four.
+-- 3. row_history said "changed" when only a column the caller may not read changed:
+--    rows are now compared as the caller sees them, as snapshot_diff does.
+-- 4. row_history lost a row put back after a snapshot in which no chunk held its
+--    key (an empty table): the chunk identity of the snapshot before the gap was kept
+--    and its row (none) taken over.
 
 create or replace function snapbase_private.tracking_fingerprint(target regclass, text_form boolean) returns text
 language sql stable
@@ -184,3 +189,160 @@ begin
   end loop;
 end;
 $$;
+
+create or replace function snapbase.row_history(target regclass, key jsonb)
+returns table (snapshot_id bigint, created_at timestamptz, change_request_id bigint, change text, changed_fields text[], "row" jsonb)
+language plpgsql stable
+security definer
+set search_path = pg_catalog, pg_temp
+set datestyle = 'ISO, YMD'
+set intervalstyle = 'postgres'
+set timezone = 'UTC'
+set extra_float_digits = 3
+set bytea_output = 'hex'
+as $$
+#variable_conflict use_column
+declare
+  mt snapbase.managed_tables := snapbase_private.readable_managed_table(target);
+  newest snapbase.snapshots;
+  s snapbase.snapshots;
+  tree snapbase_private.snapshot_trees;
+  key_types jsonb := '{}';
+  kt text;
+  layout_type text;
+  chunk_table text;
+  bad text;
+  found record;
+  chunk_identity text;
+  last_identity text;
+  raw jsonb;
+  visible jsonb;
+  previous jsonb;
+  previous_visible jsonb;
+  older boolean := false;
+  out_ids bigint[] := '{}';
+  out_at timestamptz[] := '{}';
+  out_cr bigint[] := '{}';
+  out_change text[] := '{}';
+  out_fields text[] := '{}';
+  out_rows jsonb[] := '{}';
+  n integer := 0;
+begin
+  select * into newest from snapbase.snapshots x where x.managed_table_id = mt.id order by x.id desc limit 1;
+  if newest.id is null then
+    return;
+  end if;
+  perform snapbase_private.readable_snapshot(newest.id);
+  if newest.primary_key is null then
+    raise exception 'row history needs a primary key; % has none', mt.qualified_name using errcode = '42P10';
+  end if;
+  if jsonb_typeof(key) is distinct from 'object' then
+    raise exception 'the key must be a JSON object of the primary key columns (%)', array_to_string(newest.primary_key, ', ')
+      using errcode = '22023';
+  end if;
+  select string_agg(k, ', ') into bad from jsonb_object_keys(key) k where k <> all (newest.primary_key);
+  if bad is null then
+    select string_agg(c, ', ') into bad from unnest(newest.primary_key) c where key -> c is null or key -> c = 'null';
+    if bad is not null then
+      raise exception 'the key must give every primary key column of %: % missing', mt.qualified_name, bad using errcode = '22023';
+    end if;
+  else
+    raise exception 'the key names columns that are not the primary key of % (%): %', mt.qualified_name,
+      array_to_string(newest.primary_key, ', '), bad using errcode = '22023';
+  end if;
+
+  -- Oldest first, so that each snapshot is compared with the one before it.
+  for s in select * from snapbase.snapshots x where x.managed_table_id = mt.id order by x.id loop
+    raw := null;
+    chunk_identity := null;
+    if s.primary_key is not distinct from newest.primary_key then
+      select * into tree from snapbase_private.snapshot_trees t where t.snapshot_id = s.id;
+      -- The key's composite type the snapshot's boundaries parse into (made by
+      -- capture; only snapshots from before trees need one made here).
+      kt := coalesce(tree.key_type, key_types ->> s.layout_id::text);
+      if kt is null then
+        kt := (snapbase_private.ensure_layout((select jsonb_agg(c order by array_position(s.primary_key, c ->> 'name'))
+                                                  from jsonb_array_elements(s.columns) c where (c ->> 'name') = any (s.primary_key)))).type_name;
+        key_types := key_types || jsonb_build_object(s.layout_id::text, kt);
+      end if;
+      select l.type_name, l.chunk_table into layout_type, chunk_table from snapbase_private.row_layouts l where l.id = s.layout_id;
+      -- The one chunk whose key range holds the key: its page by the pages' first
+      -- keys, then the chunk by the page's chunk boundaries.
+      execute format($q$
+        with k as (select jsonb_populate_record(null::%1$s, $2) as k),
+             p as (select coalesce(max(u.ord) filter (where u.b::%1$s <= k.k), 1) as ord
+                     from k, unnest($1::text[]) with ordinality as u(b, ord)),
+             pg as (select pg.* from p join snapbase_private.snapshot_pages pg on pg.id = ($3::bigint[])[p.ord]),
+             c as (select coalesce(max(w.ord) filter (where w.b::%1$s <= k.k), 1) as ord
+                     from k, pg, unnest(pg.bounds) with ordinality as w(b, ord))
+        select pg.chunk_ids[c.ord] as chunk_id, pg.chunk_hashes[c.ord] as chunk_hash,
+               (select every(x is not null) from unnest(pg.bounds) x) as bounded
+          from pg, c
+      $q$, kt) into found using tree.page_bounds, key, tree.page_ids;
+      -- (A record IS NOT NULL only when every field is: test a field.)
+      if found.bounded then
+        chunk_identity := coalesce(found.chunk_id::text, encode(found.chunk_hash, 'hex'));
+        if chunk_identity = last_identity then
+          raw := previous;  -- the same chunk as the snapshot before: the same row
+        else
+          execute format($q$
+            select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
+             where %2$s and (%3$s) = (%4$s)
+          $q$,
+            case when chunk_table is not null and found.chunk_id is not null
+                 then format('%s', chunk_table) else format('(select hash, rows::%s[] as rows from snapbase_private.chunk_store)', layout_type) end,
+            case when found.chunk_id is not null then 'c.id = $1' else 'c.hash = $2' end,
+            (select string_agg(format('(r.rec).%I', c), ', ') from unnest(s.primary_key) c),
+            (select string_agg(format('(jsonb_populate_record(null::%s, $3)).%I', kt, c), ', ') from unnest(s.primary_key) c))
+            into raw using found.chunk_id, found.chunk_hash, key;
+        end if;
+      elsif found.bounded is not null then
+        -- A snapshot from before trees kept no text-chunk boundaries: read it all.
+        execute format($q$
+          select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
+           where c.snapshot_id = $1 and (%2$s) = (%3$s)
+        $q$, snapbase_private.snapshot_chunk_source(s),
+          (select string_agg(format('(r.rec).%I', c), ', ') from unnest(s.primary_key) c),
+          (select string_agg(format('(jsonb_populate_record(null::%s, $2)).%I', kt, c), ', ') from unnest(s.primary_key) c))
+          into raw using s.id, key;
+      end if;
+      -- (found is all nulls for a tree without pages, an empty table: no chunk, no row.)
+    end if;
+    -- The chunk this snapshot's row came from, or null when it came from none (an
+    -- empty table, another primary key, a snapshot from before trees): only the very
+    -- next snapshot may take the row over from it, never one after a gap.
+    last_identity := chunk_identity;
+    -- Compared as the caller sees them, as snapshot_diff does: a change in a column
+    -- the caller may not read is no change.
+    visible := raw - snapbase_private.hidden_columns(s);
+    if raw is not null or previous is not null then
+      n := n + 1;
+      out_ids[n] := s.id;
+      out_at[n] := s.created_at;
+      out_cr[n] := s.change_request_id;
+      out_rows[n] := visible;
+      out_change[n] := case when raw is null then 'removed'
+                            when previous is null then case when older then 'added' else 'initial' end
+                            when visible = previous_visible then 'unchanged'
+                            else 'changed' end;
+    end if;
+    previous := raw;
+    previous_visible := visible;
+    older := true;
+  end loop;
+
+  return query
+    select u.id, u.at, u.cr, u.change,
+           case when u.change = 'changed' then
+             array(select f from (select jsonb_object_keys(coalesce(u.before_row, '{}') || u.r) as f) fs
+                    where (u.before_row -> f) is distinct from (u.r -> f) order by f)
+           end,
+           u.r
+      from (select x.*, lag(x.r) over (order by x.ord) as before_row
+              from unnest(out_ids, out_at, out_cr, out_change, out_rows) with ordinality as x(id, at, cr, change, r, ord)) u
+     order by u.ord desc;
+end;
+$$;
+comment on function snapbase.row_history(regclass, jsonb) is
+  'One row''s values across the table''s snapshots, newest first: initial (in the oldest snapshot), added, changed (with the fields), unchanged or removed, with the change request that took each snapshot. Rows are compared as the caller sees them: a change only in columns the caller may not read is unchanged. Reads only the chunk holding the key in each snapshot. Needs the right to read the live table.';
+grant execute on function snapbase.row_history(regclass, jsonb) to :ROLE_VIEWER;
