@@ -220,8 +220,9 @@ begin
   select * into cr from snapbase.change_requests c where c.id = change_id;
   select * into mt from snapbase.managed_tables m where m.id = cr.managed_table_id;
   -- Admins, and the submitter, who may read the table; anyone else: "no change request".
+  -- A change submitted in psql has no submitter: NULL must not let anyone through.
   if cr.id is null or not coalesce(snapbase_private.can_read(mt), false)
-     or not (snapbase.current_app_role() = 'admin' or cr.submitted_by = snapbase.current_user_id()) then
+     or not (snapbase.current_app_role() = 'admin' or coalesce(cr.submitted_by = snapbase.current_user_id(), false)) then
     raise exception 'no change request %', change_id using errcode = 'P0002';
   end if;
   if cr.status <> 'pending' or cr.kind = 'restore' then

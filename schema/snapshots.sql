@@ -645,7 +645,8 @@ begin
   -- A partial restore: only the rows with these keys, in the snapshot and in the table.
   if keys is not null then
     key_in_t := format('exists (select 1 from jsonb_array_elements(%L::jsonb) __sb_k where %s)', keys,
-      (select string_agg(format('t.%1$I = (__sb_k ->> %1$L)::%2$s', a.attname, format_type(a.atttypid, a.atttypmod)), ' and ')
+      (select string_agg(format('t.%1$I = (__sb_k ->> %1$L)::%2$s%3$s', a.attname, format_type(a.atttypid, a.atttypmod),
+                                snapbase_private.collate_clause(a.attcollation)), ' and ')
          from unnest(pk) k join pg_attribute a on a.attrelid = target and a.attname = k));
     execute format('delete from pg_temp.snapbase_restore_source t where not %s', key_in_t);
   end if;
@@ -653,7 +654,9 @@ begin
 
   row_t := format('row(%s)::text', (select string_agg(format('t.%I', c), ', ') from unnest(shared) c));
   if pk is not null then
-    key_match := (select string_agg(format('t.%1$I = s.%1$I', c), ' and ') from unnest(pk) c);
+    -- Keys compare under the table's collations (the copy's columns have the default one).
+    key_match := (select string_agg(format('t.%1$I = s.%1$I%2$s', a.attname, snapbase_private.collate_clause(a.attcollation)), ' and ')
+                    from unnest(pk) k join pg_attribute a on a.attrelid = target and a.attname = k);
     -- Rows the snapshot lacks, and rows whose non-key identity value cannot be updated back.
     execute format('delete from %s t where %s and not exists (select 1 from pg_temp.snapbase_restore_source s where %s%s)',
       target, key_in_t, key_match,
@@ -1347,6 +1350,18 @@ AS $function$
   from k
 $function$;
 
+CREATE OR REPLACE FUNCTION snapbase_private.collate_clause(coll oid)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  select coalesce((select format(' collate %I.%I', n.nspname, co.collname)
+                     from pg_collation co join pg_namespace n on n.oid = co.collnamespace
+                    where co.oid = coll and coll <> 100), '')
+$function$;
+comment on function snapbase_private.collate_clause(oid) is 'An explicit COLLATE clause for a column''s collation (empty for none or the default), so that keys copied into a temporary table compare as they do in the table.';
+
 CREATE OR REPLACE FUNCTION snapbase_private.define_chunk_store(layout_id bigint, type_name text, chunk_table text)
  RETURNS void
  LANGUAGE plpgsql
@@ -1431,10 +1446,15 @@ CREATE OR REPLACE FUNCTION snapbase_private.hidden_columns(snap snapbase.snapsho
  STABLE
  SET search_path TO 'pg_catalog'
 AS $function$
+  -- A column the live table no longer has has no privileges of its own: it is shown
+  -- to whoever may read the whole table (has_column_privilege would raise for it).
   select coalesce(array_agg(c ->> 'name'), '{}')
     from jsonb_array_elements(snap.columns) c
     join snapbase.managed_tables m on m.id = snap.managed_table_id
-   where not coalesce(has_column_privilege(snapbase_private.caller_role(), snapbase_private.relation_of(m), c ->> 'name', 'SELECT'), false)
+    left join pg_attribute a on a.attrelid = snapbase_private.relation_of(m) and a.attname = c ->> 'name' and a.attnum > 0 and not a.attisdropped
+   where not coalesce(case when a.attnum is null
+                           then has_table_privilege(snapbase_private.caller_role(), snapbase_private.relation_of(m), 'SELECT')
+                           else has_column_privilege(snapbase_private.caller_role(), a.attrelid, a.attnum, 'SELECT') end, false)
 $function$;
 comment on function snapbase_private.hidden_columns(snapbase.snapshots) is 'Columns of a snapshot''s live table the caller may not read: left out of every row a reader returns.';
 grant execute on function snapbase_private.hidden_columns(snapbase.snapshots) to :ROLE_VIEWER;
