@@ -80,7 +80,9 @@ export async function startWorker(opts: WorkerOptions): Promise<Worker> {
   // and a connection dropped by the server is logged instead of crashing the process.
   // json and jsonb read with every digit of their numbers (exact-json.ts): values
   // published to a source are written exactly as the workbook holds them.
-  const pgPool = createPool({ name: "worker", connectionString: opts.ownerUrl, max: opts.concurrency + 3, types: exactJsonTypes });
+  // A wait for a free connection is bounded: graphile-worker treats the error like any
+  // failed poll and tries again, where an endless wait would stop the worker for good.
+  const pgPool = createPool({ name: "worker", connectionString: opts.ownerUrl, max: opts.concurrency + 3, types: exactJsonTypes, connectionTimeoutMillis: 30_000 });
 
   const liveness = new Liveness({ connectionString: opts.ownerUrl, heartbeatMs: opts.heartbeatMs ?? 5_000 });
   await liveness.start();

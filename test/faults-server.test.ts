@@ -190,7 +190,17 @@ describe("a database backend dying mid-request", () => {
       .body.data.createConnectorAccount.result.rowId;
     const job = (await graphql(server.url, `mutation($a: BigInt!) { testConnectorAccount(input: { accountId: $a }) { result { rowId } } }`, { a: account }, editorToken))
       .body.data.testConnectorAccount.result.rowId;
-    await waitFor("the job to succeed", async () => (await owner().query("select state from snapbase.jobs where id = $1", [job])).rows[0].state === "succeeded");
+    await waitFor("the job to succeed", async () => (await owner().query("select state from snapbase.jobs where id = $1", [job])).rows[0].state === "succeeded")
+      .catch(async (error: Error) => {
+        // Say where it stands: our row, graphile-worker's, and the worker registry.
+        const { rows } = await owner().query(
+          `select to_jsonb(j) as job, (select to_jsonb(g) - 'payload' from graphile_worker.jobs g where g.key = 'snapbase_job_' || j.id) as queued,
+                  (select jsonb_agg(to_jsonb(w)) from snapbase_private.workers w) as workers,
+                  (select jsonb_agg(jsonb_build_object('app', a.application_name, 'state', a.state, 'wait', a.wait_event_type || ':' || a.wait_event, 'query', left(a.query, 120)))
+                     from pg_stat_activity a where a.datname = current_database() and a.pid <> pg_backend_pid()) as sessions
+             from snapbase.jobs j where j.id = $1`, [job]);
+        throw new Error(`${error.message}: ${JSON.stringify(rows[0])}`);
+      });
     await worker.stop({ drainMs: 1000 });
   }, 240_000);
 });
