@@ -17,6 +17,18 @@ async function connectorError(work: Promise<unknown>): Promise<ConnectorError> {
   return error as ConnectorError;
 }
 
+/** A connector pointed at a closed port: a transient error that names the refusal and not the password. */
+async function expectUnreachable(connector: Connector, password: string): Promise<void> {
+  try {
+    const error = await connectorError(connector.test());
+    expect(error.transient).toBe(true);
+    expect(error.message).toMatch(/ECONNREFUSED/);
+    expect(error.message).not.toContain(password);
+  } finally {
+    await connector.close();
+  }
+}
+
 async function allBatches(connector: Connector, table: string, batchSize: number): Promise<RemoteRecord[][]> {
   const batches: RemoteRecord[][] = [];
   for await (const batch of connector.download(table, { batchSize })) batches.push(batch);
@@ -154,15 +166,7 @@ describe("postgres connector", () => {
   });
 
   test("an unreachable server is a transient error", async () => {
-    const connector = postgresConnector({ connectionString: urlWith({ port: "1", password: "secret-pw-77" }) });
-    try {
-      const error = await connectorError(connector.test());
-      expect(error.transient).toBe(true);
-      expect(error.message).toMatch(/ECONNREFUSED/);
-      expect(error.message).not.toContain("secret-pw-77");
-    } finally {
-      await connector.close();
-    }
+    await expectUnreachable(postgresConnector({ connectionString: urlWith({ port: "1", password: "secret-pw-77" }) }), "secret-pw-77");
   });
 
   test("listTables lists the user tables as schema.table, sorted", async () => {
@@ -405,15 +409,7 @@ describe("mysql connector", () => {
   });
 
   test("an unreachable server is a transient error", async () => {
-    const connector = mysqlConnector({ ...credentials, host: "127.0.0.1", port: 1, password: "secret-pw-77" });
-    try {
-      const error = await connectorError(connector.test());
-      expect(error.transient).toBe(true);
-      expect(error.message).toMatch(/ECONNREFUSED/);
-      expect(error.message).not.toContain("secret-pw-77");
-    } finally {
-      await connector.close();
-    }
+    await expectUnreachable(mysqlConnector({ ...credentials, host: "127.0.0.1", port: 1, password: "secret-pw-77" }), "secret-pw-77");
   });
 
   test("listTables lists the database's tables, sorted", async () => {
