@@ -145,7 +145,7 @@ describe("an interrupted download", () => {
     abort.abort();
     // The server ends the COPY and rolls back: no session stays busy with it.
     const busy = () => owner().query(`select count(*)::int as n from pg_stat_activity
-                                       where query like '%snapbase_export%' and state <> 'idle' and pid <> pg_backend_pid()`);
+                                       where datname = current_database() and query like '%snapbase_export%' and state <> 'idle' and pid <> pg_backend_pid()`);
     const until = Date.now() + 10_000;
     while ((await busy()).rows[0].n > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
     expect((await busy()).rows[0].n).toBe(0);

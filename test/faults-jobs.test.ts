@@ -104,10 +104,16 @@ async function stopWorkers(): Promise<void> {
   await Promise.all(workers.splice(0).map((w) => w.stop({ drainMs: 1000 })));
 }
 
-/** A source backend waiting for a lock: a table lock (relation) or the hold key (advisory). */
+/**
+ * A source backend waiting for a lock: a table lock (relation) or the hold key (advisory).
+ * pg_locks is the whole server's: other test files run beside this one, so only the
+ * source database's locks count.
+ */
 async function sourceWaiting(kind: "relation" | "advisory"): Promise<boolean> {
   const { rowCount } = await source.query(
-    `select 1 from pg_locks l where not l.granted and l.locktype = $1 and (l.locktype <> 'advisory' or l.objid = $2)`, [kind, HOLD_KEY]);
+    `select 1 from pg_locks l
+      where not l.granted and l.locktype = $1 and (l.locktype <> 'advisory' or l.objid = $2)
+        and l.database = (select oid from pg_database where datname = current_database())`, [kind, HOLD_KEY]);
   return (rowCount ?? 0) > 0;
 }
 
