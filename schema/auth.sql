@@ -260,6 +260,7 @@ CREATE OR REPLACE FUNCTION snapbase.create_user(email text, password text, role 
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   created snapbase.users;

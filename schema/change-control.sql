@@ -109,6 +109,7 @@ declare
   snap snapbase.snapshots;
   probe snapbase_private.probe_result;
   done snapbase.change_requests;
+  running boolean := false;
 begin
   perform snapbase_private.require_role('admin');
   cr := snapbase_private.lock_pending_change(change_id);
@@ -130,10 +131,14 @@ begin
   execute format('lock table %s in exclusive mode', target);
   begin
     if cr.kind = 'restore' then
+      running := true;
       affected := snapbase_private.apply_restore(cr.restore_snapshot_id, target, cr.restore_keys);
+      -- Deferred triggers fire before the snapshot, so that it holds what this commits.
+      set constraints all immediate;
     else
       -- Checked again now: the table, the allow-list or the submitter's rights may have changed.
       probe := snapbase_private.check_change_sql(target, cr.sql, snapbase_private.submitter_roles(cr));
+      running := true;
       affected := snapbase_private.execute_change(target, cr.sql, probe, snapbase_private.submitter_roles(cr));
       if cr.kind = 'edits' then
         perform snapbase_private.check_edits_applied(cr.edits, affected);
@@ -143,8 +148,12 @@ begin
     get stacked diagnostics err_code = returned_sqlstate, err_message = message_text;
     -- Only the message (no DETAIL or HINT), and not without bound.
     err_message := left(err_message, 2000);
-    done := snapbase_private.finish_change(change_id, 'failed', null, null, err_code, err_message, null);
+    -- The approving admin is told; the request, which others see, may keep less.
     raise warning 'change request % failed: % (SQLSTATE %)', change_id, err_message, err_code;
+    if running then
+      err_message := snapbase_private.failure_message_for_readers(target, err_code, err_message);
+    end if;
+    done := snapbase_private.finish_change(change_id, 'failed', null, null, err_code, err_message, null);
     return done;
   end;
   snap := snapbase_private.capture_for_change(cr);
@@ -213,6 +222,10 @@ declare
   result jsonb;
   err_code text;
   err_message text;
+  seqs regclass[];
+  seq_states jsonb[];
+  draws boolean := false;
+  capture_by_tracking boolean;
 begin
   if max_rows not between 1 and 1000 or offset_rows < 0 then
     raise exception 'max_rows must be from 1 to 1000 and offset_rows at least 0' using errcode = '22023';
@@ -239,56 +252,103 @@ begin
   hidden := array(select a.attname::text from pg_attribute a
                    where a.attrelid = target and a.attnum > 0 and not a.attisdropped
                      and not coalesce(has_column_privilege(snapbase_private.caller_role(), target, a.attnum, 'SELECT'), false));
-  perform set_config('lock_timeout', '2s', true);
+  -- The table's own sequences: values a preview draws are used up (sequences are not
+  -- transactional), so they are put back afterwards; to do that safely the preview
+  -- keeps the table's writers out while it runs. Other previews only take the lock
+  -- their statement takes (ROW EXCLUSIVE, and the rows they touch).
+  select coalesce(array_agg(d.objid::regclass order by d.objid), '{}') into seqs
+    from pg_depend d join pg_class c on c.oid = d.objid
+   where d.classid = 'pg_class'::regclass and d.refobjid = target and d.deptype in ('a', 'i') and c.relkind = 'S';
   begin
-    execute format('lock table %s in share row exclusive mode', target);
     probe := snapbase_private.check_change_sql(target, cr.sql, snapbase_private.submitter_roles(cr));
-    create temporary table if not exists snapbase_preview_rows (side text not null, "row" jsonb not null) on commit drop;
-    execute format('create trigger snapbase_preview_insert after insert on %s referencing new table as new_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
-    execute format('create trigger snapbase_preview_update after update on %s referencing old table as old_rows new table as new_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
-    execute format('create trigger snapbase_preview_delete after delete on %s referencing old table as old_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
-    affected := snapbase_private.execute_change(target, cr.sql, probe, snapbase_private.submitter_roles(cr));
-    -- Rows by key; a key written several times keeps its first before and last after.
-    with keyed as (
-      select side, "row", (select jsonb_object_agg(k, "row" -> k) from unnest(pk) k) as key,
-             row_number() over () as n
-        from pg_temp.snapbase_preview_rows
-    ), befores as (
-      select distinct on (key) key, "row" from keyed where side = 'before' order by key, n
-    ), afters as (
-      select distinct on (key) key, "row" from keyed where side = 'after' order by key, n desc
-    ), changes as (
-      select case when b.key is null then 'added' when a.key is null then 'removed' else 'changed' end as change,
-             coalesce(a.key, b.key) as key,
-             case when a.key is not null and b.key is not null then
-               array(select f from jsonb_object_keys(a."row" || b."row") f
-                      where (b."row" -> f) is distinct from (a."row" -> f) and f <> all (hidden) order by f) end as changed_fields,
-             b."row" - hidden as before, a."row" - hidden as after,
-             -- Every column written (hidden ones included), for the sensitive-column warning.
-             array(select f from jsonb_object_keys(coalesce(a."row", '{}') || coalesce(b."row", '{}')) f
-                    where (b."row" -> f) is distinct from (a."row" -> f)) as all_changed
-        from befores b full join afters a on a.key = b.key
-       where b."row" is distinct from a."row"
-    )
-    select jsonb_build_object(
-             'total_changes', count(*),
-             'changes', coalesce((select jsonb_agg(jsonb_build_object('change', p.change, 'key', p.key, 'changed_fields', p.changed_fields,
-                                                                    'before', p.before, 'after', p.after) order by p.key)
-                                    from (select * from changes order by key offset offset_rows limit max_rows) p), '[]'),
-             'written_columns', coalesce((select jsonb_agg(distinct f) from changes, unnest(all_changed) f), '[]'))
-      into diff from changes;
-    raise exception 'preview done' using errcode = 'SBPRV';
-  exception
-    when sqlstate 'SBPRV' then
-      null;
-    when lock_not_available then
-      raise exception 'table % is busy (being approved or written in bulk); try the preview again', target using errcode = '55P03';
-    when others then
-      get stacked diagnostics err_code = returned_sqlstate, err_message = message_text;
-      diff := null;
+  exception when others then
+    get stacked diagnostics err_code = returned_sqlstate, err_message = message_text;
   end;
-  perform set_config('lock_timeout', '0', true);
+  if err_code is null then
+    -- INSERT and MERGE may draw (a column left to its default), an UPDATE through
+    -- SET x = DEFAULT (still a node of its own in the tree) or nextval.
+    draws := cardinality(seqs) > 0
+             and (probe.command_type in (3, 5) or seqs::oid[] && probe.relations
+                  or exists (select 1 from snapbase_private.node_fields(probe.tree) f where f.node_type = 'SETTODEFAULT'));
+    -- Tracked tables capture the preview's rows in their tracking triggers; others
+    -- get triggers of the preview's own, which CREATE TRIGGER's lock keeps writers from.
+    capture_by_tracking := snapbase_private.tracking_problem(target, mt.id) is null;
+    perform set_config('lock_timeout', '2s', true);
+    begin
+      execute format('lock table %s in %s mode', target,
+                     case when draws or not capture_by_tracking then 'share row exclusive' else 'row exclusive' end);
+    exception when lock_not_available then
+      raise exception 'table % is busy (being approved or written in bulk); try the preview again', target using errcode = '55P03';
+    end;
+    perform set_config('lock_timeout', '0', true);
+    if draws then
+      seq_states := array(select snapbase_private.sequence_state(x) from unnest(seqs) x);
+    end if;
+    begin
+      create temporary table if not exists snapbase_preview_rows (side text not null, "row" jsonb not null, texts jsonb not null) on commit drop;
+      if capture_by_tracking then
+        perform set_config('snapbase.preview_relid', target::oid::text, true);
+      else
+        execute format('create trigger snapbase_preview_insert after insert on %s referencing new table as new_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
+        execute format('create trigger snapbase_preview_update after update on %s referencing old table as old_rows new table as new_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
+        execute format('create trigger snapbase_preview_delete after delete on %s referencing old table as old_rows for each statement execute function snapbase_private.tg__preview_capture()', target);
+      end if;
+      affected := snapbase_private.execute_change(target, cr.sql, probe, snapbase_private.submitter_roles(cr));
+      -- Rows by key; a key written several times keeps its first before and last after.
+      -- Values compare by their text, as snapshot_diff does (1.0 and 1.00 differ).
+      with keyed as (
+        select side, "row", texts, (select jsonb_object_agg(k, "row" -> k) from unnest(pk) k) as key,
+               row_number() over () as n
+          from pg_temp.snapbase_preview_rows
+      ), befores as (
+        select distinct on (key) key, "row", texts from keyed where side = 'before' order by key, n
+      ), afters as (
+        select distinct on (key) key, "row", texts from keyed where side = 'after' order by key, n desc
+      ), changes as (
+        select case when b.key is null then 'added' when a.key is null then 'removed' else 'changed' end as change,
+               coalesce(a.key, b.key) as key,
+               case when a.key is not null and b.key is not null then
+                 array(select f from jsonb_object_keys(a.texts || b.texts) f
+                        where (b.texts -> f) is distinct from (a.texts -> f) and f <> all (hidden) order by f) end as changed_fields,
+               b."row" - hidden as before, a."row" - hidden as after,
+               -- Every column written (hidden ones included), for the sensitive-column warning.
+               array(select f from jsonb_object_keys(coalesce(a.texts, '{}') || coalesce(b.texts, '{}')) f
+                      where (b.texts -> f) is distinct from (a.texts -> f)) as all_changed
+          from befores b full join afters a on a.key = b.key
+         where b.texts is distinct from a.texts
+      )
+      select jsonb_build_object(
+               'total_changes', count(*),
+               'changes', coalesce((select jsonb_agg(jsonb_build_object('change', p.change, 'key', p.key, 'changed_fields', p.changed_fields,
+                                                                      'before', p.before, 'after', p.after) order by p.key)
+                                      from (select * from changes order by key offset offset_rows limit max_rows) p), '[]'),
+               'written_columns', coalesce((select jsonb_agg(distinct f) from changes, unnest(all_changed) f), '[]'))
+        into diff from changes;
+      raise exception 'preview done' using errcode = 'SBPRV';
+    exception
+      when sqlstate 'SBPRV' then
+        null;
+      when others then
+        get stacked diagnostics err_code = returned_sqlstate, err_message = message_text;
+        diff := null;
+    end;
+    -- Rolled back, but what it drew from sequences is not: put them back (writers of
+    -- the table were kept out, so nobody else drew meanwhile).
+    if draws then
+      for i in 1 .. cardinality(seqs) loop
+        if not snapbase_private.restore_sequence_state(seqs[i], seq_states[i]) then
+          warnings := warnings || jsonb_build_object('code', 'sequence_values_used', 'message',
+            format('this preview used up values of sequence %s, which Snapbase''s owner may not set back (GRANT UPDATE ON SEQUENCE %s TO %I)',
+                   seqs[i], seqs[i], current_user));
+        end if;
+      end loop;
+    end if;
+  end if;
   if diff is null then
+    -- The change ran with its submitter's column rights: its error is theirs to see.
+    if not coalesce(cr.submitted_by = snapbase.current_user_id(), false) then
+      err_message := snapbase_private.failure_message_for_readers(target, err_code, err_message);
+    end if;
     warnings := warnings || jsonb_build_object('code', 'fails', 'message',
       format('approving this change would fail now: %s (SQLSTATE %s)', left(err_message, 2000), err_code));
     result := jsonb_build_object('change_request_id', cr.id, 'rows_affected', null, 'total_changes', 0, 'changes', '[]'::jsonb,
@@ -449,6 +509,7 @@ CREATE OR REPLACE FUNCTION snapbase.submit_change(target regclass, sql text, rea
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   mt snapbase.managed_tables;
@@ -622,6 +683,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.edits_to_sql(target regclass, edits 
  LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   pk text[] := snapbase_private.primary_key(target);
@@ -796,16 +858,21 @@ begin
   foreach rel in array reads loop
     perform pg_advisory_xact_lock(hashtext('snapbase relation grant'), rel::int);
   end loop;
-  -- SELECT only on the columns every reader may read: PostgreSQL itself then refuses
-  -- anything reaching for the others (a whole-row reference included).
-  execute format('grant insert, update, delete on table %s to %I', target, runner);
+  -- Previews take no table lock that keeps them apart (approvals do): grants on the
+  -- target are serialised like the others.
+  perform pg_advisory_xact_lock(hashtext('snapbase relation grant'), target::oid::int);
+  -- SELECT, INSERT and UPDATE only on the columns every reader may read: PostgreSQL
+  -- itself then refuses anything reaching for the others (a whole-row reference, or a
+  -- column written by a MERGE action, included).
+  execute format('grant delete on table %s to %I', target, runner);
   foreach rel in array array[target::oid] || reads loop
     select string_agg(format('%I', a.attname), ', ' order by a.attnum) into missing
       from pg_attribute a
      where a.attrelid = rel and a.attnum > 0 and not a.attisdropped
        and not exists (select 1 from unnest(readers) r where not coalesce(has_column_privilege(r, rel, a.attnum, 'SELECT'), false));
     if missing is not null then
-      execute format('grant select (%s) on table %s to %I', missing, rel::regclass, runner);
+      execute format('grant select (%1$s)%2$s on table %3$s to %4$I', missing,
+        case when rel = target then format(', insert (%1$s), update (%1$s)', missing) else '' end, rel::regclass, runner);
     end if;
   end loop;
   foreach rel in array seqs loop
@@ -825,6 +892,30 @@ begin
   return affected;
 end;
 $function$;
+
+CREATE OR REPLACE FUNCTION snapbase_private.failure_message_for_readers(target regclass, err_code text, err_message text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  -- Everyone who may read any column of the table sees its change requests. A
+  -- change runs with its submitter's column rights, so its error may quote values
+  -- of columns the submitter may read and another reader may not ("invalid input
+  -- syntax for type integer: "…""). Messages of classes that quote no values
+  -- (integrity, access and syntax, resources, locks, cancellation) are kept; the
+  -- rest are kept only when every application role that sees the request reads
+  -- the whole table.
+  select case
+    when left(err_code, 2) in ('0A', '23', '40', '42', '53', '54', '55', '57') then err_message
+    when not exists (select 1 from unnest(array[':ROLE_VIEWER', ':ROLE_EDITOR', ':ROLE_ADMIN', ':ROLE_AGENT']::name[]) r
+                      join pg_attribute a on a.attrelid = target and a.attnum > 0 and not a.attisdropped
+                     where coalesce(has_any_column_privilege(r, target, 'SELECT'), false)
+                       and not coalesce(has_column_privilege(r, target, a.attnum, 'SELECT'), false)) then err_message
+    else 'the change failed (SQLSTATE ' || err_code || '); its message is shown only to the approving admin, because it may quote values of columns that some who see this request may not read'
+  end
+$function$;
+comment on function snapbase_private.failure_message_for_readers(regclass,text,text) is 'What a failed change''s stored error says: its message, unless the message may quote values of columns some readers of the change request may not read (then only its SQLSTATE).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.finish_change(change_id bigint, outcome snapbase.change_status, affected bigint, snap_id bigint, err_code text, err_message text, note text)
  RETURNS snapbase.change_requests
@@ -890,6 +981,22 @@ end;
 $function$;
 comment on function snapbase_private.managed_table_for(regclass) is 'The managed table behind a relation, for a submitter who may read it ("no managed table" alike for tables that are not managed and for those you may not read).';
 grant execute on function snapbase_private.managed_table_for(regclass) to :ROLE_VIEWER;
+
+CREATE OR REPLACE FUNCTION snapbase_private.preview_capture_statements(op text, rel oid)
+ RETURNS text[]
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  select array_remove(array[
+    case when op in ('UPDATE', 'DELETE') then
+      format('insert into pg_temp.snapbase_preview_rows (side, "row", texts) select %L, to_jsonb(o), %s from old_rows o',
+             'before', snapbase_private.row_texts_sql(rel, 'o')) end,
+    case when op in ('UPDATE', 'INSERT') then
+      format('insert into pg_temp.snapbase_preview_rows (side, "row", texts) select %L, to_jsonb(o), %s from new_rows o',
+             'after', snapbase_private.row_texts_sql(rel, 'o')) end], null)
+$function$;
+comment on function snapbase_private.preview_capture_statements(text,oid) is 'For a statement trigger with transition tables (old_rows, new_rows) on rel: the statements that copy its rows before and after, as values and as texts, into preview_change''s temporary table.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.primary_key(target regclass)
  RETURNS text[]
@@ -995,6 +1102,42 @@ $function$;
 grant execute on function snapbase_private.relation_of(snapbase.managed_tables) to :ROLE_AGENT;
 grant execute on function snapbase_private.relation_of(snapbase.managed_tables) to :ROLE_VIEWER;
 
+CREATE OR REPLACE FUNCTION snapbase_private.restore_sequence_state(seq regclass, state jsonb)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog'
+AS $function$
+begin
+  if state is not null and snapbase_private.sequence_state(seq) = state then
+    return true;
+  end if;
+  if state is null or not has_sequence_privilege(seq, 'UPDATE') then
+    return false;
+  end if;
+  perform setval(seq, (state ->> 'last_value')::bigint, (state ->> 'is_called')::boolean);
+  return true;
+end;
+$function$;
+comment on function snapbase_private.restore_sequence_state(regclass,jsonb) is 'Puts a sequence back where sequence_state found it (callers make sure nobody else drew from it meanwhile); false when it cannot.';
+
+CREATE OR REPLACE FUNCTION snapbase_private.sequence_state(seq regclass)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+declare
+  state jsonb;
+begin
+  execute format('select jsonb_build_object(%L, s.last_value::text, %L, s.is_called) from %s s', 'last_value', 'is_called', seq)
+    into state;
+  return state;
+exception when insufficient_privilege then
+  return null;
+end;
+$function$;
+comment on function snapbase_private.sequence_state(regclass) is 'A sequence''s position (last_value, is_called), or null when the caller may not read it.';
+
 CREATE OR REPLACE FUNCTION snapbase_private.setting_allow_self_approval()
  RETURNS boolean
  LANGUAGE sql
@@ -1058,14 +1201,18 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__preview_capture()
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET "DateStyle" TO 'ISO, YMD'
+ SET "IntervalStyle" TO 'postgres'
+ SET "TimeZone" TO 'UTC'
+ SET extra_float_digits TO '3'
+ SET bytea_output TO 'hex'
 AS $function$
+declare
+  capture_sql text;
 begin
-  if tg_op in ('UPDATE', 'DELETE') then
-    execute 'insert into pg_temp.snapbase_preview_rows (side, "row") select ''before'', to_jsonb(o) from old_rows o';
-  end if;
-  if tg_op in ('UPDATE', 'INSERT') then
-    execute 'insert into pg_temp.snapbase_preview_rows (side, "row") select ''after'', to_jsonb(n) from new_rows n';
-  end if;
+  foreach capture_sql in array snapbase_private.preview_capture_statements(tg_op, tg_relid) loop
+    execute capture_sql;
+  end loop;
   return null;
 end;
 $function$;

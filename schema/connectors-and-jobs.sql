@@ -603,6 +603,7 @@ CREATE OR REPLACE FUNCTION snapbase.set_connector_allowed_hosts(hosts text[])
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   bad text;
@@ -724,6 +725,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.check_credentials(kind text, credent
  LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   url text := credentials ->> 'connection_string';
@@ -862,6 +864,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.connector_address_problem(host text,
  LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   entries jsonb := coalesce(snapbase_private.setting('connector_hosts')::jsonb, '[]')
@@ -928,6 +931,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.connector_hosts_of(kind text, creden
  LANGUAGE plpgsql
  IMMUTABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   url text := credentials ->> 'connection_string';
@@ -1429,6 +1433,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.record_publish_outcomes(job_id bigin
  RETURNS boolean
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   j snapbase.jobs;

@@ -111,6 +111,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.node_fields(tree text)
  LANGUAGE sql
  IMMUTABLE STRICT
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
   with tokens as materialized (
     -- A constant's datum prints as `:constvalue <length> [ b1 b2 … ]`, one token per
@@ -173,6 +174,8 @@ declare
   probe oid;
   tree text;
   shifted_tree text;
+  written_columns jsonb;
+  written_rel oid;
 begin
   -- One statement, and it is our CREATE FUNCTION: parsed, never run.
   begin
@@ -246,6 +249,23 @@ begin
            (select count(*) from f q where q.node_type = 'QUERY' and q.depth = 1 and q.field = 'commandType'),
            exists (select 1 from f v where v.node_type = 'VAR' and v.field = 'varattno' and v.value = '0')
       into result.written, result.params, result.command_type, result.statements, result.whole_row;
+    -- Columns written count as used: INSERT and UPDATE targets, and a MERGE's actions,
+    -- which pg_depend does not record. They are the tree's insertedCols/updatedCols,
+    -- the sets PostgreSQL checks column privileges with (attnum + 7, as
+    -- FirstLowInvalidHeapAttributeNumber is -7). Only a written relation has them.
+    if cardinality(result.written) > 0 then
+      select coalesce(jsonb_agg(distinct w.attnum), '[]') into strict written_columns
+        from (select m.member::int - 7 as attnum
+                from regexp_matches(tree, ':(?:insertedCols|updatedCols) \(b((?: [0-9]+)*)\)', 'g') as x(sets)
+               cross join lateral regexp_split_to_table(btrim(x.sets[1]), ' ') as m(member)
+               where m.member <> '') w;
+      foreach written_rel in array result.written loop
+        result.columns := jsonb_set(result.columns, array[written_rel::text],
+          (select coalesce(jsonb_agg(distinct v order by v), '[]')
+             from (select jsonb_array_elements(coalesce(result.columns -> written_rel::text, '[]')) as v
+                   union select jsonb_array_elements(written_columns)) u));
+      end loop;
+    end if;
     result.tree := tree;
     -- Undo the probe (and anything the DDL did) by failing this block on purpose.
     raise exception 'probe done' using errcode = 'SBPRB';
@@ -275,6 +295,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.resolve_type(type_name text)
  LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   parts text[];
@@ -345,6 +366,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tree_problems(tree text, purpose tex
  LANGUAGE sql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
   with f as materialized (select * from snapbase_private.node_fields(tree)),
   node_types as (select distinct node_type from f),
@@ -477,6 +499,10 @@ begin
   perform set_config('search_path', path, true);
   execute change_sql;
   get diagnostics n = row_count;
+  -- Deferred constraint triggers fire now, as the runner and before the snapshot,
+  -- not at commit: the snapshot then holds what the approval commits, and a preview
+  -- shows (and fails on) what they do.
+  set constraints all immediate;
   return n;
 end;
 $function$;

@@ -617,6 +617,7 @@ CREATE OR REPLACE FUNCTION snapbase.upload_csv_file(name text, content text)
  LANGUAGE plpgsql
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   f snapbase.csv_files;
@@ -852,6 +853,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.csv_record_count(content text)
  LANGUAGE sql
  IMMUTABLE STRICT
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
   select greatest(regexp_count(regexp_replace(content, '"[^"]*"', 'x', 'g'), '[^\r\n]+') - 1, 0)
 $function$;
@@ -930,6 +932,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.csv_type_rules()
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
   values
     (0, 'boolean', '^(true|false|TRUE|FALSE|True|False)$', null::numeric, null::numeric, false),

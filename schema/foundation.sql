@@ -108,6 +108,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.base64url(data bytea)
  LANGUAGE sql
  IMMUTABLE STRICT
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
   select translate(rtrim(replace(encode(data, 'base64'), E'\n', ''), '='), '+/', '-_')
 $function$;

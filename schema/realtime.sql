@@ -40,6 +40,7 @@ CREATE OR REPLACE FUNCTION snapbase.visible_events(topic text, after_id bigint D
  LANGUAGE plpgsql
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 begin
   if topic = 'changes' then

@@ -289,8 +289,10 @@ declare
   chunk_identity text;
   last_identity text;
   raw jsonb;
+  raw_texts jsonb;
   visible jsonb;
   previous jsonb;
+  previous_texts jsonb;
   previous_visible jsonb;
   older boolean := false;
   out_ids bigint[] := '{}';
@@ -299,6 +301,7 @@ declare
   out_change text[] := '{}';
   out_fields text[] := '{}';
   out_rows jsonb[] := '{}';
+  out_texts jsonb[] := '{}';
   n integer := 0;
 begin
   select * into newest from snapbase.snapshots x where x.managed_table_id = mt.id order by x.id desc limit 1;
@@ -327,6 +330,7 @@ begin
   -- Oldest first, so that each snapshot is compared with the one before it.
   for s in select * from snapbase.snapshots x where x.managed_table_id = mt.id order by x.id loop
     raw := null;
+    raw_texts := null;
     chunk_identity := null;
     if s.primary_key is not distinct from newest.primary_key then
       select * into tree from snapbase_private.snapshot_trees t where t.snapshot_id = s.id;
@@ -357,27 +361,30 @@ begin
         chunk_identity := coalesce(found.chunk_id::text, encode(found.chunk_hash, 'hex'));
         if chunk_identity = last_identity then
           raw := previous;  -- the same chunk as the snapshot before: the same row
+          raw_texts := previous_texts;
         else
           execute format($q$
-            select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
+            select to_jsonb(r.rec), %5$s from %1$s c cross join lateral (select unnest(c.rows) as rec) r
              where %2$s and (%3$s) = (%4$s)
           $q$,
             case when chunk_table is not null and found.chunk_id is not null
                  then format('%s', chunk_table) else format('(select hash, rows::%s[] as rows from snapbase_private.chunk_store)', layout_type) end,
             case when found.chunk_id is not null then 'c.id = $1' else 'c.hash = $2' end,
             (select string_agg(format('(r.rec).%I', c), ', ') from unnest(s.primary_key) c),
-            (select string_agg(format('(jsonb_populate_record(null::%s, $3)).%I', kt, c), ', ') from unnest(s.primary_key) c))
-            into raw using found.chunk_id, found.chunk_hash, key;
+            (select string_agg(format('(jsonb_populate_record(null::%s, $3)).%I', kt, c), ', ') from unnest(s.primary_key) c),
+            snapbase_private.row_texts_sql(snapbase_private.layout_relid(s.layout_id), 'r.rec'))
+            into raw, raw_texts using found.chunk_id, found.chunk_hash, key;
         end if;
       elsif found.bounded is not null then
         -- A snapshot from before trees kept no text-chunk boundaries: read it all.
         execute format($q$
-          select to_jsonb(r.rec) from %1$s c cross join lateral (select unnest(c.rows) as rec) r
+          select to_jsonb(r.rec), %4$s from %1$s c cross join lateral (select unnest(c.rows) as rec) r
            where c.snapshot_id = $1 and (%2$s) = (%3$s)
         $q$, snapbase_private.snapshot_chunk_source(s),
           (select string_agg(format('(r.rec).%I', c), ', ') from unnest(s.primary_key) c),
-          (select string_agg(format('(jsonb_populate_record(null::%s, $2)).%I', kt, c), ', ') from unnest(s.primary_key) c))
-          into raw using s.id, key;
+          (select string_agg(format('(jsonb_populate_record(null::%s, $2)).%I', kt, c), ', ') from unnest(s.primary_key) c),
+          snapbase_private.row_texts_sql(snapbase_private.layout_relid(s.layout_id), 'r.rec'))
+          into raw, raw_texts using s.id, key;
       end if;
       -- (found is all nulls for a tree without pages, an empty table: no chunk, no row.)
     end if;
@@ -385,21 +392,23 @@ begin
     -- empty table, another primary key, a snapshot from before trees): only the very
     -- next snapshot may take the row over from it, never one after a gap.
     last_identity := chunk_identity;
-    -- Compared as the caller sees them, as snapshot_diff does: a change in a column
-    -- the caller may not read is no change.
-    visible := raw - snapbase_private.hidden_columns(s);
+    -- Compared as the caller sees them, and by their values' text, as snapshot_diff
+    -- does: a change in a column the caller may not read is no change.
+    visible := raw_texts - snapbase_private.hidden_columns(s);
     if raw is not null or previous is not null then
       n := n + 1;
       out_ids[n] := s.id;
       out_at[n] := s.created_at;
       out_cr[n] := s.change_request_id;
-      out_rows[n] := visible;
+      out_rows[n] := raw - snapbase_private.hidden_columns(s);
+      out_texts[n] := visible;
       out_change[n] := case when raw is null then 'removed'
                             when previous is null then case when older then 'added' else 'initial' end
                             when visible = previous_visible then 'unchanged'
                             else 'changed' end;
     end if;
     previous := raw;
+    previous_texts := raw_texts;
     previous_visible := visible;
     older := true;
   end loop;
@@ -407,12 +416,12 @@ begin
   return query
     select u.id, u.at, u.cr, u.change,
            case when u.change = 'changed' then
-             array(select f from (select jsonb_object_keys(coalesce(u.before_row, '{}') || u.r) as f) fs
-                    where (u.before_row -> f) is distinct from (u.r -> f) order by f)
+             array(select f from (select jsonb_object_keys(coalesce(u.before_texts, '{}') || u.texts) as f) fs
+                    where (u.before_texts -> f) is distinct from (u.texts -> f) order by f)
            end,
            u.r
-      from (select x.*, lag(x.r) over (order by x.ord) as before_row
-              from unnest(out_ids, out_at, out_cr, out_change, out_rows) with ordinality as x(id, at, cr, change, r, ord)) u
+      from (select x.*, lag(x.texts) over (order by x.ord) as before_texts
+              from unnest(out_ids, out_at, out_cr, out_change, out_rows, out_texts) with ordinality as x(id, at, cr, change, r, texts, ord)) u
      order by u.ord desc;
 end;
 $function$;
@@ -460,6 +469,7 @@ CREATE OR REPLACE FUNCTION snapbase.snapshot_diff(from_id bigint, to_id bigint)
  SET "TimeZone" TO 'UTC'
  SET extra_float_digits TO '3'
  SET bytea_output TO 'hex'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   a snapbase.snapshots := snapbase_private.readable_snapshot(from_id);
@@ -476,6 +486,8 @@ begin
     raise exception 'diff needs the same primary key in both snapshots' using errcode = '42P10';
   end if;
   hidden := snapbase_private.hidden_columns(b) || snapbase_private.hidden_columns(a);
+  -- Rows and fields compare by their values' text (t): jsonb (j, what is shown)
+  -- calls 1.0 and 1.00, -0 and 0, JSON null and SQL NULL equal.
   -- Pages both snapshots share hold identical chunks, and chunks both hold identical
   -- rows: only chunks of pages they do not share, and then not in the other, are decoded.
   return query execute format($q$
@@ -490,33 +502,35 @@ begin
              from snapbase_private.snapshot_pages p cross join lateral unnest(p.chunk_ids, p.chunk_hashes) as v(chunk_id, chunk_hash)
             where p.id in (select id from pb except select id from pa)),
          only_a as (
-           select to_jsonb(r.rec) - $4 as j
+           select to_jsonb(r.rec) - $4 as j, %3$s - $4 as t
              from %1$s c cross join lateral (select unnest(c.rows) as rec) r
             where c.snapshot_id = $1
               and exists (select 1 from ea where ea.cid = coalesce(c.chunk_id, -1) and ea.chash = coalesce(c.chunk_hash, '\x'))
               and not exists (select 1 from eb where eb.cid = coalesce(c.chunk_id, -1) and eb.chash = coalesce(c.chunk_hash, '\x'))),
          only_b as (
-           select to_jsonb(r.rec) - $4 as j
+           select to_jsonb(r.rec) - $4 as j, %4$s - $4 as t
              from %2$s c cross join lateral (select unnest(c.rows) as rec) r
             where c.snapshot_id = $2
               and exists (select 1 from eb where eb.cid = coalesce(c.chunk_id, -1) and eb.chash = coalesce(c.chunk_hash, '\x'))
               and not exists (select 1 from ea where ea.cid = coalesce(c.chunk_id, -1) and ea.chash = coalesce(c.chunk_hash, '\x'))),
          keyed_a as (
-           select (select jsonb_object_agg(k, j -> k) from unnest($3::text[]) k) as key, j from only_a
+           select (select jsonb_object_agg(k, j -> k) from unnest($3::text[]) k) as key, j, t from only_a
          ), keyed_b as (
-           select (select jsonb_object_agg(k, j -> k) from unnest($3::text[]) k) as key, j from only_b
+           select (select jsonb_object_agg(k, j -> k) from unnest($3::text[]) k) as key, j, t from only_b
          )
     select case when ka.key is null then 'added' when kb.key is null then 'removed' else 'changed' end,
            coalesce(kb.key, ka.key),
            case when ka.key is not null and kb.key is not null then
-             array(select f from (select jsonb_object_keys(ka.j || kb.j) as f) fs
-                    where (ka.j -> f) is distinct from (kb.j -> f) order by f)
+             array(select f from (select jsonb_object_keys(ka.t || kb.t) as f) fs
+                    where (ka.t -> f) is distinct from (kb.t -> f) order by f)
            end,
            ka.j, kb.j
       from keyed_a ka full join keyed_b kb on ka.key = kb.key
-     where ka.j is distinct from kb.j
+     where ka.t is distinct from kb.t
      order by coalesce(kb.key, ka.key)
-  $q$, snapbase_private.snapshot_chunk_source(a), snapbase_private.snapshot_chunk_source(b))
+  $q$, snapbase_private.snapshot_chunk_source(a), snapbase_private.snapshot_chunk_source(b),
+    snapbase_private.row_texts_sql(snapbase_private.layout_relid(a.layout_id), 'r.rec'),
+    snapbase_private.row_texts_sql(snapbase_private.layout_relid(b.layout_id), 'r.rec'))
   using a.id, b.id, key_cols, hidden;
 end;
 $function$;
@@ -597,7 +611,8 @@ declare
   pk text[];
   shared text[];      -- columns both the snapshot and the table have, in table order
   writable text[];    -- of those, the ones not generated
-  settable text[];    -- of those, the ones an UPDATE may set (not key, not identity always)
+  settable text[];    -- of those, the ones an UPDATE may set (not identity always; keys too: 1.00 is
+                      -- the key 1, but not its value)
   fixed text[];       -- non-key GENERATED ALWAYS identity columns: a difference means delete and insert
   key_name text := '__snapbase_key';
   count_name text := '__snapbase_occurrence';
@@ -619,7 +634,7 @@ begin
   pk := snap.primary_key;
   select coalesce(array_agg(c.name order by c.ord) filter (where true), '{}'),
          coalesce(array_agg(c.name order by c.ord) filter (where not c.generated), '{}'),
-         coalesce(array_agg(c.name order by c.ord) filter (where not c.generated and not c.is_key and not c.identity_always), '{}'),
+         coalesce(array_agg(c.name order by c.ord) filter (where not c.generated and not c.identity_always), '{}'),
          coalesce(array_agg(c.name order by c.ord) filter (where not c.generated and not c.is_key and c.identity_always), '{}')
     into shared, writable, settable, fixed
     from snapbase_private.restore_columns(snap, target) c
@@ -1362,6 +1377,27 @@ AS $function$
 $function$;
 comment on function snapbase_private.collate_clause(oid) is 'An explicit COLLATE clause for a column''s collation (empty for none or the default), so that keys copied into a temporary table compare as they do in the table.';
 
+CREATE OR REPLACE FUNCTION snapbase_private.column_types(target regclass)
+ RETURNS SETOF oid
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  with recursive ty(oid) as (
+    select a.atttypid from pg_attribute a where a.attrelid = target and a.attnum > 0 and not a.attisdropped
+    union
+    select n.x from ty join pg_type t on t.oid = ty.oid
+      cross join lateral (
+        select t.typbasetype union all select t.typelem
+        union all select a2.atttypid from pg_attribute a2 where t.typrelid <> 0 and a2.attrelid = t.typrelid and a2.attnum > 0 and not a2.attisdropped
+        union all select r.rngsubtype from pg_range r where r.rngtypid = t.oid
+      ) n(x)
+     where n.x <> 0
+  )
+  select oid from ty
+$function$;
+comment on function snapbase_private.column_types(regclass) is 'Every type a table''s values are made of: its columns'' types and, recursively, their domains'' base types, array elements, composite attributes and range subtypes.';
+
 CREATE OR REPLACE FUNCTION snapbase_private.define_chunk_store(layout_id bigint, type_name text, chunk_table text)
  RETURNS void
  LANGUAGE plpgsql
@@ -1395,6 +1431,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.describe_restore(snap snapbase.snaps
  LANGUAGE sql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
   select concat_ws(E'\n',
     case when snap.primary_key is not null then format(
@@ -1474,6 +1511,16 @@ AS $function$
     join pg_attribute a on a.attrelid = target and a.attname = k.name
 $function$;
 comment on function snapbase_private.key_type(regclass,text[]) is 'The composite type of the primary key columns (with their collations), for parsing key texts back into comparable values.';
+
+CREATE OR REPLACE FUNCTION snapbase_private.layout_relid(layout_id bigint)
+ RETURNS oid
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  select t.typrelid from pg_type t where t.oid = snapbase_private.layout_type(layout_id)::regtype
+$function$;
+comment on function snapbase_private.layout_relid(bigint) is 'The pg_class row of a row layout''s composite type (its attributes are the layout''s columns).';
 
 CREATE OR REPLACE FUNCTION snapbase_private.layout_type(layout_id bigint)
  RETURNS text
@@ -1701,6 +1748,20 @@ $function$;
 comment on function snapbase_private.restore_fit(snapbase.snapshots,regclass) is 'Raises (42804, naming each column) when a snapshot cannot be restored into its table as it is now: a column changed type, a new NOT NULL column has no default, or the primary key changed.';
 grant execute on function snapbase_private.restore_fit(snapbase.snapshots,regclass) to :ROLE_ADMIN;
 
+CREATE OR REPLACE FUNCTION snapbase_private.row_texts_sql(rel oid, row_alias text)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  select format('jsonb_object(%L::text[], array[%s]::text[])',
+                coalesce(array_agg(a.attname::text order by a.attnum), '{}'),
+                coalesce(string_agg(format('(%s).%I::text', row_alias, a.attname), ', ' order by a.attnum), ''))
+    from pg_attribute a
+   where a.attrelid = rel and a.attnum > 0 and not a.attisdropped
+$function$;
+comment on function snapbase_private.row_texts_sql(oid,text) is 'An SQL expression for a row of rel (a table, or a row layout''s composite type) called row_alias: {column: the value''s text}. Rows are compared by it where jsonb would call different values equal (1.0 and 1.00, -0 and 0, JSON null and SQL NULL). row_alias is always a literal alias of the caller''s own query.';
+
 CREATE OR REPLACE FUNCTION snapbase_private.snapshot_chunk_source(snap snapbase.snapshots)
  RETURNS text
  LANGUAGE sql
@@ -1800,6 +1861,7 @@ CREATE OR REPLACE FUNCTION snapbase_private.tg__track_changes()
  SET bytea_output TO 'hex'
 AS $function$
 declare
+  capture_sql text;
   mt_id bigint := tg_argv[0]::bigint;
   key_cols text[];
   key_row text;
@@ -1815,6 +1877,12 @@ begin
   if tg_op = 'TRUNCATE' then
     insert into snapbase_private.table_changes (managed_table_id, everything) values (mt_id, 'TRUNCATE');
     return null;
+  end if;
+  -- preview_change on this table, in this transaction: the statement's rows too.
+  if current_setting('snapbase.preview_relid', true) = tg_relid::text then
+    foreach capture_sql in array snapbase_private.preview_capture_statements(tg_op, tg_relid) loop
+      execute capture_sql;
+    end loop;
   end if;
   key_cols := snapbase_private.primary_key(tg_relid);
   if key_cols is null then
@@ -1885,32 +1953,29 @@ AS $function$
        from pg_attribute a where a.attrelid = target and a.attnum > 0),
     (select string_agg(format('%s:%s:%s:%s', t.oid, t.xmin, t.tgenabled, t.tgname), ',' order by t.tgname)
        from pg_trigger t where t.tgrelid = target and t.tgfoid = 'snapbase_private.tg__track_changes()'::regprocedure),
+    -- The primary key's index: changes are recorded under the key of their moment, so
+    -- a key dropped and made again (on other columns, and back) breaks the record.
+    (select format('pk %s:%s', i.indexrelid, i.indkey) from pg_index i where i.indrelid = target and i.indisprimary),
     case when text_form then (
-      with recursive ty(oid) as (
-        select a.atttypid from pg_attribute a where a.attrelid = target and a.attnum > 0 and not a.attisdropped
-        union
-        select n.x from ty join pg_type t on t.oid = ty.oid
-          cross join lateral (
-            select t.typbasetype union all select t.typelem
-            union all select a2.atttypid from pg_attribute a2 where t.typrelid <> 0 and a2.attrelid = t.typrelid and a2.attnum > 0 and not a2.attisdropped
-            union all select r.rngsubtype from pg_range r where r.rngtypid = t.oid
-          ) n(x)
-         where n.x <> 0
-      )
-      select string_agg(format('%s:%s:%s:%s', t.oid, t.xmin, p.xmin,
-                               (select string_agg(e.oid::text || ':' || e.xmin::text, ',' order by e.oid) from pg_enum e where e.enumtypid = t.oid)),
+      -- A composite type's attributes too: ALTER TYPE … ADD ATTRIBUTE changes the text
+      -- of every stored value of it without writing the table.
+      select string_agg(format('%s:%s:%s:%s:%s', t.oid, t.xmin, p.xmin,
+                               (select string_agg(e.oid::text || ':' || e.xmin::text, ',' order by e.oid) from pg_enum e where e.enumtypid = t.oid),
+                               (select string_agg(format('%s.%s.%s.%s', a.attnum, a.atttypid, a.atttypmod, a.attisdropped), ',' order by a.attnum)
+                                  from pg_attribute a where t.typrelid <> 0 and a.attrelid = t.typrelid and a.attnum > 0)),
                         ';' order by t.oid)
-        from ty join pg_type t on t.oid = ty.oid left join pg_proc p on p.oid = t.typoutput
+        from snapbase_private.column_types(target) ty(oid) join pg_type t on t.oid = ty.oid left join pg_proc p on p.oid = t.typoutput
        where t.typnamespace <> 'pg_catalog'::regnamespace
     ) end)
 $function$;
-comment on function snapbase_private.tracking_fingerprint(regclass,boolean) is 'The catalog state under which recorded changes are complete; compared between consecutive snapshots (any difference: a full capture): the storage (relfilenode), every attribute with its number, type and collation (dropped ones too, so DROP COLUMN and ADD COLUMN change it), the tracking triggers'' catalog rows, and for text-form layouts the user-defined types. GRANTs, ANALYZE and SET DEFAULT do not change it.';
+comment on function snapbase_private.tracking_fingerprint(regclass,boolean) is 'The catalog state under which recorded changes are complete; compared between consecutive snapshots (any difference: a full capture): the storage (relfilenode), every attribute with its number, type and collation (dropped ones too, so DROP COLUMN and ADD COLUMN change it), the tracking triggers'' catalog rows, the primary key''s index, and for text-form layouts the user-defined types (enum labels and composite attributes included). GRANTs, ANALYZE and SET DEFAULT do not change it.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.tracking_problem(target regclass, mt_id bigint)
  RETURNS text
  LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog'
+ SET standard_conforming_strings TO 'on'
 AS $function$
 declare
   rel record;
@@ -1933,6 +1998,11 @@ begin
     return 'row-level security applies to the snapshot reader, so policies could change what it sees';
   elsif exists (select 1 from pg_subscription_rel s where s.srrelid = target) then
     return 'logical replication writes into the table without firing statement triggers';
+  elsif exists (
+      select 1 from snapbase_private.column_types(target) ty(oid) join pg_type t on t.oid = ty.oid
+       where t.typnamespace = 'pg_catalog'::regnamespace and t.typname ~ '^reg' and t.typcategory <> 'A') then
+    -- regclass and its siblings print names, which change (RENAME, search_path) without the table being written.
+    return 'a column of a reg* type (regclass, regtype, …) shows object names, which change without the table being written';
   end if;
   -- Four statement triggers that record, ENABLE ALWAYS.
   select count(*) into armed

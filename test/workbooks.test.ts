@@ -109,6 +109,29 @@ describe("workbook lifecycle", () => {
   });
 });
 
+describe("a working copy of a managed table", () => {
+  it("holds enum, domain, composite and array columns as the postgres connector maps them, with every value", async () => {
+    await owner().query(`
+      create type t4.color as enum ('red', 'green');
+      create domain t4.pct as numeric(5, 2) check (value between 0 and 100);
+      create type t4.pair as (a int, b text);
+      create table t4.kinds (id int primary key, c t4.color, p t4.pct, pr t4.pair, cs t4.color[], ns int[]);
+      insert into t4.kinds values (1, 'green', 12.50, (1, 'x'), '{red,green}', '{1,2}'), (2, null, null, null, null, null);
+      grant select on t4.kinds to ${db.roles.viewer};
+      select snapbase.register_table('t4.kinds');`);
+    await asActor(actorOf(alice), async (c) => {
+      const wb = (await c.query("select * from snapbase.create_workbook('Kinds')")).rows[0];
+      // Before: "column c: type 't4.color' is not a type name …".
+      const table = (await c.query("select * from snapbase.copy_managed_table_to_workbook($1, 't4.kinds')", [wb.id])).rows[0];
+      expect(table.columns.map((col: any) => [col.name, col.type])).toEqual([
+        ["id", "integer"], ["c", "text"], ["p", "numeric(5,2)"], ["pr", "jsonb"], ["cs", "text[]"], ["ns", "integer[]"]]);
+      expect(await one(c, "select snapbase.workbook_record($1, 1)", [table.id])).toMatchObject({
+        values: { id: 1, c: "green", p: 12.5, pr: { a: 1, b: "x" }, cs: ["red", "green"], ns: [1, 2] }, state: { dirty: false } });
+      expect((await one(c, "select snapbase.workbook_record($1, 2)", [table.id])).values).toEqual({ id: 2, c: null, p: null, pr: null, cs: null, ns: null });
+    });
+  });
+});
+
 describe("records", () => {
   it("creates, reads, updates, deletes and undeletes, with edit flags against the source's values", async () => {
     await asActor(actorOf(alice), async (c) => {
