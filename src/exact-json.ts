@@ -78,12 +78,14 @@ export const exactNumbersAsText: Reviver = (_key, value, context) =>
 const MAYBE_WIDE = /[0-9.]{16}/;
 
 /**
- * Text where some number may not read back as written: a long run of digits, a
- * fraction ending in 0 (1.500, 0.000), -0, or an exponent. Without any of these,
- * every number in the text is what String(Number(text)) prints, and plain
- * JSON.parse keeps it (a false alarm inside a string only costs the reviver).
+ * Text where some number may not read back as written: a long run of digits, or a
+ * number (at the start, or after ":", "," or "[") that is -0, has a fraction ending
+ * in 0 (1.500, 0.000) or an exponent. Without any of these, every number in the
+ * text is what String(Number(text)) prints, and plain JSON.parse keeps it. Anchoring
+ * on what precedes a number keeps uuids and hex ("3e4f…") from needing the reviver;
+ * a false alarm inside a string only costs the reviver.
  */
-const MAYBE_INEXACT = /[0-9.]{16}|\.\d*0(?!\d)|-0(?![.\d])|\d[eE]/;
+const MAYBE_INEXACT = /[0-9.]{16}|(?:^|[:,[])\s*(?:-0(?![.\d])|-?\d+(?:\.\d*0(?!\d)|(?:\.\d*)?[eE]))/;
 
 /** Parses JSON keeping every number's text that a JavaScript number would change (ExactNumber). */
 export function parseJsonExact(text: string): unknown {
