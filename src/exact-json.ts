@@ -8,9 +8,11 @@
 //   the double keeps); otherwise as a string of its exact digits. Clients of any
 //   language read it back without loss and may write the string back: PostgreSQL
 //   casts it exactly to the column's type.
-// - Inside Snapbase (request bodies, worker, connectors): such a number is kept as
-//   an ExactNumber, which JSON.stringify writes back with its original digits, so
-//   what reaches PostgreSQL or a source is what was sent.
+// - Inside Snapbase (request bodies, worker, connectors): a number whose text is not
+//   what JavaScript would print for it (String(Number(text)) differs: wide numbers,
+//   but also trailing zeros such as numeric 1.500 or 0.000, -0, exponents) is kept
+//   as an ExactNumber, which JSON.stringify writes back with its original text, so
+//   what reaches PostgreSQL or a source is what was sent, scale and sign included.
 //
 // JSON.parse hands a reviver each number's source text (Node 22+), and
 // JSON.rawJSON writes text as a number; both are standard JavaScript.
@@ -60,9 +62,13 @@ export function fitsDouble(text: string): boolean {
 
 type Reviver = (key: string, value: unknown, context?: { source?: string }) => unknown;
 
-/** JSON.parse reviver for what Snapbase keeps: wide numbers become ExactNumbers. */
+/**
+ * JSON.parse reviver for what Snapbase keeps: every number whose text a JavaScript
+ * number would not print back as it is (wide numbers, 1.500, 0.000, -0, 1e3) becomes
+ * an ExactNumber. One string comparison per number, no regular expression.
+ */
 export const keepExactNumbers: Reviver = (_key, value, context) =>
-  typeof value === "number" && context?.source !== undefined && !fitsDouble(context.source) ? new ExactNumber(context.source) : value;
+  typeof value === "number" && context?.source !== undefined && context.source !== String(value) ? new ExactNumber(context.source) : value;
 
 /** JSON.parse reviver for what clients get: wide numbers become strings of their exact digits. */
 export const exactNumbersAsText: Reviver = (_key, value, context) =>
@@ -71,9 +77,19 @@ export const exactNumbersAsText: Reviver = (_key, value, context) =>
 /** A double holds any 15 significant digits, so a shorter run of digits needs no reviver. */
 const MAYBE_WIDE = /[0-9.]{16}/;
 
-/** Parses JSON keeping wide numbers exact (ExactNumber). */
+/**
+ * Text where some number may not read back as written: a long run of digits, or a
+ * number (at the start, or after ":", "," or "[") that is -0, has a fraction ending
+ * in 0 (1.500, 0.000) or an exponent. Without any of these, every number in the
+ * text is what String(Number(text)) prints, and plain JSON.parse keeps it. Anchoring
+ * on what precedes a number keeps uuids and hex ("3e4f…") from needing the reviver;
+ * a false alarm inside a string only costs the reviver.
+ */
+const MAYBE_INEXACT = /[0-9.]{16}|(?:^|[:,[])\s*(?:-0(?![.\d])|-?\d+(?:\.\d*0(?!\d)|(?:\.\d*)?[eE]))/;
+
+/** Parses JSON keeping every number's text that a JavaScript number would change (ExactNumber). */
 export function parseJsonExact(text: string): unknown {
-  return MAYBE_WIDE.test(text) ? JSON.parse(text, keepExactNumbers as never) : JSON.parse(text);
+  return MAYBE_INEXACT.test(text) ? JSON.parse(text, keepExactNumbers as never) : JSON.parse(text);
 }
 
 /** Parses JSON for clients: wide numbers become exact strings. */

@@ -10,6 +10,15 @@ import { postgresConnector } from "../src/connectors/postgres.ts";
 import { ConnectorError, type Connector, type RemoteRecord } from "../src/connectors/types.ts";
 import { ExactNumber } from "../src/exact-json.ts";
 
+/**
+ * A row of shop.items as the postgres connector gives it: to_jsonb's values, but a
+ * numeric whose text a double would change (6.50, 3.00) as that text.
+ */
+const withExactNumerics = (r: { values: Record<string, unknown>; price: string | null; price_with_tax: string | null }) => {
+  const exactly = (text: string | null) => (text === null || String(Number(text)) === text ? (text === null ? null : Number(text)) : text);
+  return { ...r.values, price: exactly(r.price), price_with_tax: exactly(r.price_with_tax) };
+};
+
 /** The ConnectorError `work` rejects with (fails the test if it resolves or throws something else). */
 async function connectorError(work: Promise<unknown>): Promise<ConnectorError> {
   const error = await work.then(() => undefined, (e: unknown) => e);
@@ -214,13 +223,14 @@ describe("postgres connector", () => {
   test("download streams every row in primary key order, as to_jsonb renders it", async () => {
     const batches = await allBatches(source, "shop.items", 1000);
     expect(batches.map((b) => b.length)).toEqual([1000, 1000, 500]);
-    const { rows } = await admin.query("select t.id::text as remote_id, to_jsonb(t) as values from shop.items t order by t.id");
-    expect(batches.flat()).toEqual(rows.map((r) => ({ remoteId: r.remote_id, values: r.values })));
+    const { rows } = await admin.query(`select t.id::text as remote_id, to_jsonb(t) as values, price::text, price_with_tax::text
+                                          from shop.items t order by t.id`);
+    expect(batches.flat()).toEqual(rows.map((r) => ({ remoteId: r.remote_id, values: withExactNumerics(r) })));
     expect(batches[0][4]).toEqual({
       remoteId: "5",
       values: {
         id: 5, name: "item 5", price: 6.25, qty: 5, tags: ["t2", "x"], meta: { n: 5, nested: { even: false } },
-        active: false, created_at: "2024-01-01T05:00:00+00:00", price_with_tax: 7.5,
+        active: false, created_at: "2024-01-01T05:00:00+00:00", price_with_tax: "7.50",
       },
     });
   });
@@ -233,18 +243,18 @@ describe("postgres connector", () => {
     const [[record]] = await allBatches(source, "public.wide", 10);
     expect(record.values).toEqual({
       id: "w1", big: "9007199254740993", exact: "12345678901234567890.123456789", mood: "sad",
-      at: "2024-03-01T12:00:00.123+00:00", doc: { wide: new ExactNumber("12345678901234567890"), small: 1.5 },
+      at: "2024-03-01T12:00:00.123+00:00", doc: { wide: new ExactNumber("12345678901234567890"), small: new ExactNumber("1.50") },
     });
     // A document is written on exactly as it was read.
-    expect(JSON.stringify(record.values.doc)).toBe('{"wide":12345678901234567890,"small":1.5}');
+    expect(JSON.stringify(record.values.doc)).toBe('{"wide":12345678901234567890,"small":1.50}');
     expect((await source.fetch("public.wide", ["w1"])).get("w1")).toEqual(record.values);
   });
 
   test("fetch returns the current rows of the ids that still exist", async () => {
     const found = await source.fetch("shop.items", ["1", "2500", "999999"]);
     expect([...found.keys()].sort()).toEqual(["1", "2500"]);
-    const { rows } = await admin.query("select to_jsonb(t) as values from shop.items t where id = 2500");
-    expect(found.get("2500")).toEqual(rows[0].values);
+    const { rows } = await admin.query("select to_jsonb(t) as values, price::text, price_with_tax::text from shop.items t where id = 2500");
+    expect(found.get("2500")).toEqual(withExactNumerics(rows[0]));
     expect(await source.fetch("shop.items", [])).toEqual(new Map());
   });
 
@@ -255,7 +265,7 @@ describe("postgres connector", () => {
       { name: "rejected", price: -1 },
       { name: "new B", price: 2 },
     ]);
-    expect(created[0]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new A", price_with_tax: 12.6 }) });
+    expect(created[0]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new A", price_with_tax: "12.60" }) });
     expect(created[1]).toEqual({ ok: false, error: expect.stringMatching(/violates check constraint "items_price_check"/) });
     expect(created[2]).toEqual({ ok: true, remoteId: expect.stringMatching(/^\d+$/), values: expect.objectContaining({ name: "new B" }) });
     const [a, b] = [created[0], created[2]].map((o) => (o.ok ? o.remoteId : ""));
@@ -376,7 +386,6 @@ describe("mysql connector", () => {
   /** A row as the source's own client reads it, with the connector's documented conversions. */
   const asRecordValues = (row: Record<string, any>) => ({
     ...row,
-    active: row.active !== 0,
     doc: JSON.parse(row.doc),
     payload: `\\x${row.payload.toString("hex")}`,
   });
@@ -427,7 +436,7 @@ describe("mysql connector", () => {
         { name: "name", type: "text", readOnly: false },
         { name: "price", type: "numeric(12,2)", readOnly: false },
         { name: "qty", type: "integer", readOnly: false },
-        { name: "active", type: "boolean", readOnly: false },
+        { name: "active", type: "smallint", readOnly: false },
         { name: "doc", type: "jsonb", readOnly: false },
         { name: "created_at", type: "timestamp", readOnly: false },
         { name: "day", type: "date", readOnly: false },
@@ -458,7 +467,7 @@ describe("mysql connector", () => {
     const [rows] = await admin.query<mysql.RowDataPacket[]>(`select * from ${items} order by id`);
     expect(batches.flat()).toEqual(rows.map((r) => ({ remoteId: String(r.id), values: asRecordValues(r) })));
     const { payload, ...third } = seed(3);
-    expect(batches[0][2]).toEqual({ remoteId: "3", values: { id: 3, ...third, payload: "\\x0301", price_with_tax: "4.50" } });
+    expect(batches[0][2]).toEqual({ remoteId: "3", values: { id: 3, ...third, active: Number(third.active), payload: "\\x0301", price_with_tax: "4.50" } });
   });
 
   test("download stops between batches when aborted, and frees its connection", async () => {

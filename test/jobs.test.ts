@@ -275,11 +275,11 @@ describe("mysql: download, edit, suggest, publish", () => {
       const account = await createAccount("mysql", "Shop", { host: u.hostname, port: Number(u.port || 3306), user: decodeURIComponent(u.username), password: decodeURIComponent(u.password), database: u.pathname.slice(1) });
       const { wb, tableId, rel } = await downloaded(account, table);
       const pear = await recordByRemote(rel, "2");
-      expect(await record(tableId, pear)).toMatchObject({ values: { name: "pear", price: 2.5, active: false } });
+      expect(await record(tableId, pear)).toMatchObject({ values: { name: "pear", price: 2.5, active: 0 } });
       await gql(`mutation($t: BigInt!, $r: BigInt!) { suggestValues(input: { tableId: $t, recordId: $r, values: { price: "2.75" } }) { clientMutationId } }`, { t: tableId, r: String(pear) });
       await gql(`mutation($t: BigInt!) { acceptSuggestions(input: { tableId: $t }) { result } }`, { t: tableId });
-      await update(tableId, await recordByRemote(rel, "1"), { active: false });
-      await gql(`mutation($t: BigInt!) { createRecord(input: { tableId: $t, values: { name: "quince", price: 4.1, active: true } }) { result } }`, { t: tableId });
+      await update(tableId, await recordByRemote(rel, "1"), { active: 0 });
+      await gql(`mutation($t: BigInt!) { createRecord(input: { tableId: $t, values: { name: "quince", price: 4.1, active: 1 } }) { result } }`, { t: tableId });
       const published = await publish(wb);
       expect(published).toMatchObject({ state: "succeeded", result: { published: 3, failed: 0 } });
       const [rows] = await mysqlConn.query(`select id, name, price, active from ${table} order by id`);

@@ -2,6 +2,11 @@
 // tables; column types are mapped to the PostgreSQL types a workbook stores, and
 // values are made JSON-friendly (decimals and bigints as strings, dates as their
 // text without any timezone shift, bytes as "\x..." hex like PostgreSQL's bytea).
+// Every legal MySQL value must arrive and go back unchanged, so: TIME (a duration,
+// -838:59:59 to 838:59:59) is an interval; tinyint(1) (what BOOLEAN is) is a
+// smallint, since it holds -128..127, not only 0 and 1; the zero date '0000-00-00'
+// (and '0000-00-00 00:00:00') is PostgreSQL's '-infinity', which MySQL cannot hold,
+// and '-infinity' is written back as the zero date.
 import mysql from "mysql2/promise";
 import {
   ConnectorError,
@@ -278,7 +283,8 @@ function postgresType(dataType: string, columnType: string): string {
   const unsigned = /\bunsigned\b/i.test(columnType);
   switch (dataType.toLowerCase()) {
     case "tinyint":
-      return /^tinyint\(1\)/i.test(columnType) ? "boolean" : "smallint";
+      // tinyint(1) too (MySQL's BOOLEAN): it may hold 5 or -1, which a boolean would turn into true.
+      return "smallint";
     case "smallint":
       return unsigned ? "integer" : "smallint";
     case "mediumint":
@@ -305,7 +311,8 @@ function postgresType(dataType: string, columnType: string): string {
     case "timestamp":
       return "timestamp";
     case "time":
-      return "time";
+      // A duration from -838:59:59 to 838:59:59, not a time of day.
+      return "interval";
     case "json":
       return "jsonb";
     case "binary":
@@ -330,10 +337,14 @@ function toRecord(t: ResolvedTable, row: Row): RemoteRecord {
   return { remoteId: String(values[t.spec.remoteIdColumn]), values };
 }
 
+/** MySQL's zero date and zero datetime (any fractional digits), as dateStrings prints them. */
+const ZERO_DATE = /^0000-00-00(?: 00:00:00(?:\.0+)?)?$/;
+
 function toJsonValue(value: unknown, type: string | undefined): unknown {
   if (value === null || value === undefined) return null;
   if (Buffer.isBuffer(value)) return `\\x${value.toString("hex")}`;
-  if (type === "boolean" && typeof value === "number") return value !== 0;
+  // The zero date has no PostgreSQL counterpart; -infinity, which MySQL has no counterpart of, stands for it.
+  if (typeof value === "string" && value.startsWith("0000-00-00") && ZERO_DATE.test(value) && (type === "date" || type?.startsWith("timestamp"))) return "-infinity";
   // Numbers wider than a double keep their digits (ExactNumber writes them back as read).
   if (type === "jsonb" && typeof value === "string") return parseJsonExact(value);
   return value;
@@ -345,10 +356,32 @@ function toMysqlValue(value: unknown, type: string | undefined): unknown {
   // A JSON column takes the document's text; "hello" must arrive as "\"hello\"".
   if (type === "jsonb") return JSON.stringify(value);
   if (type === "bytea" && typeof value === "string" && /^\\x([0-9a-f]{2})*$/i.test(value)) return Buffer.from(value.slice(2), "hex");
+  if (value === "-infinity" && type === "date") return "0000-00-00";
+  if (value === "-infinity" && type?.startsWith("timestamp")) return "0000-00-00 00:00:00";
+  if (type === "interval" && typeof value === "string") return mysqlTime(value);
   if (typeof value === "boolean") return value ? 1 : 0;
   // mysql2 would expand arrays and objects into SQL lists; as text the server rejects or casts them itself.
   if (typeof value === "object") return JSON.stringify(value);
   return value;
+}
+
+/**
+ * An interval as PostgreSQL prints it ("838:59:59", "-1 days +02:03:04", "1 day
+ * 00:00:00.5") as MySQL TIME text: [-]hours:mm:ss[.ffffff]. Anything else (months,
+ * years, another IntervalStyle) goes as it is, for MySQL to refuse.
+ */
+export function mysqlTime(interval: string): string {
+  const m = /^(?:(-?\d+) days?)? ?(?:([+-])?(\d+):(\d\d):(\d\d)(?:\.(\d{1,6}))?)?$/.exec(interval);
+  if (!m || (m[1] === undefined && m[3] === undefined)) return interval;
+  const [, days = "0", sign = "+", h = "0", min = "0", sec = "0", fraction = ""] = m;
+  const clock = ((Number(h) * 60 + Number(min)) * 60 + Number(sec)) * 1e6 + Number(fraction.padEnd(6, "0"));
+  const micros = Number(days) * 86_400e6 + (sign === "-" ? -clock : clock);
+  const abs = Math.abs(micros);
+  const seconds = Math.floor(abs / 1e6);
+  const micro = abs % 1e6;
+  const pad = (n: number) => String(n).padStart(2, "0");
+  const text = `${Math.floor(seconds / 3600)}:${pad(Math.floor(seconds / 60) % 60)}:${pad(seconds % 60)}${micro ? `.${String(micro).padStart(6, "0").replace(/0+$/, "")}` : ""}`;
+  return micros < 0 ? `-${text}` : text;
 }
 
 /** The given fields the source lets us write; generated columns are computed by MySQL. */

@@ -53,18 +53,41 @@ interface ResolvedTable {
 
 const quote = pg.escapeIdentifier;
 
+/**
+ * The settings that decide how a source prints and reads values, pinned for every
+ * source session. They travel in the startup packet (libpq's `-c` options), which
+ * outranks what the source's postgresql.conf, `alter database … set` and `alter role
+ * … set` say: otherwise extra_float_digits = 0 would round float8 1.0000000000000002
+ * to 1, IntervalStyle = sql_standard would print '-1 days -02:03:04' in a form read
+ * back as '-1 days +02:03:04', bytea_output = escape would change bytes' text, and
+ * DateStyle / TimeZone would change how dates and times are printed and read.
+ * (search_path is left alone: the source's triggers and defaults may rely on it.)
+ */
+export const SOURCE_SESSION_SETTINGS: Readonly<Record<string, string>> = {
+  extra_float_digits: "3",
+  IntervalStyle: "postgres",
+  DateStyle: "ISO, MDY",
+  TimeZone: "UTC",
+  bytea_output: "hex",
+  standard_conforming_strings: "on",
+  client_encoding: "UTF8",
+  xmloption: "content",
+};
+
 export function postgresConnector(credentials: PostgresCredentials): Connector {
   // Every secret of the connection string (user info, query string), hidden from every message.
   const secrets = secretsOfConnectionString(credentials.connectionString);
   // A connection the source drops (idle or in use) must not crash the process; the next query reports it.
-  // Managed tables are read as the job's creator (the role is set for the whole session).
+  // Every session has the output settings values are read and written in (SOURCE_SESSION_SETTINGS),
+  // whatever the source's server, database or role sets. Managed tables are read as the job's
+  // creator (the role is set for the whole session).
   const pool = createPool({
     name: "postgres source",
     clientConfig: postgresClientConfig(credentials.connectionString, credentials.address),
     max: 2,
     connectionTimeoutMillis: 10_000,
     quiet: true,
-    ...(credentials.managedAs ? { sessionSettings: { role: credentials.managedAs } } : {}),
+    sessionSettings: { ...SOURCE_SESSION_SETTINGS, ...(credentials.managedAs ? { role: credentials.managedAs } : {}) },
   });
 
   const { guard, guardDownload } = connectorFailures((error) => describeError(error, secrets));

@@ -77,7 +77,8 @@ export class SnapbasePool extends pg.Pool {
       max: opts.max ?? 10,
       connectionTimeoutMillis: opts.connectionTimeoutMillis,
       idleTimeoutMillis: opts.idleTimeoutMillis ?? 30_000,
-      ...(opts.sessionSettings ? { options: startupOptions(opts.sessionSettings) } : {}),
+      // After any options of the connection string's own: the later -c of a name wins.
+      ...(opts.sessionSettings ? { options: [opts.clientConfig?.options, startupOptions(opts.sessionSettings)].filter(Boolean).join(" ") } : {}),
     } as pg.PoolConfig);
     this.poolName = opts.name;
     this.resetOnRelease = opts.resetOnRelease ?? false;
