@@ -8,7 +8,7 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
-import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphqlData, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 const RUN = randomBytes(4).toString("hex");
@@ -25,9 +25,7 @@ let sourceUrl: string;
 let sourceDb: SourceDatabase;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
-  const res = await graphql(server.url, query, variables, as);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, as);
 };
 
 /** The source's rows as PostgreSQL prints them (text: exact). */

@@ -5,7 +5,7 @@ import { parse } from "csv-parse/sync";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
-import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphqlData, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 let server: RunningServer;
 let worker: Worker;
@@ -13,9 +13,7 @@ let alice: TestUser, bob: TestUser;
 let token: string, bobToken: string;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
-  const res = await graphql(server.url, query, variables, as);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, as);
 };
 
 async function upload(name: string, content: string, opts: { as?: string | null; contentType?: string } = {}) {

@@ -5,16 +5,14 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
 import { CsvTypeRules } from "../src/connectors/csv-inference.ts";
-import { asOwner, createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD } from "./helpers.ts";
+import { asOwner, createUser, db, graphqlData, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD } from "./helpers.ts";
 
 let server: RunningServer;
 let worker: Worker;
 let token: string;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}) => {
-  const res = await graphql(server.url, query, variables, token);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, token);
 };
 
 beforeAll(async () => {

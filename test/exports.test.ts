@@ -7,7 +7,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
-import { createUser, db, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphql, graphqlData, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 let server: RunningServer;
 let alice: TestUser, bob: TestUser;
@@ -26,9 +26,7 @@ const VALUES = [
 ];
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
-  const res = await graphql(server.url, query, variables, as);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, as);
 };
 
 /** GETs a file; `auth` null sends no token. */

@@ -14,7 +14,7 @@ import { ConnectorError } from "../src/connectors/types.ts";
 import { projectRoot } from "../src/db/migrate.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
-import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphqlData, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 // Killed workers and lost connections are the point here: their (expected) errors are not logged.
@@ -36,9 +36,7 @@ const children = new Set<ChildProcess>();
 const workers: Worker[] = [];
 
 const gql = async (query: string, variables: Record<string, unknown> = {}) => {
-  const res = await graphql(server.url, query, variables, token);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, token);
 };
 
 /** Polls until `check` returns something truthy; fails after `timeoutMs` (generous: two busy cores). */

@@ -182,6 +182,13 @@ export async function graphql<T = any>(
   return http(base, "POST", "/graphql", { token, body: { query, variables }, headers });
 }
 
+/** A GraphQL request's data; its errors, if any, thrown as one Error naming every message. */
+export async function graphqlData<T = any>(base: string, query: string, variables: Record<string, unknown> = {}, token?: string): Promise<T> {
+  const res = await graphql<T>(base, query, variables, token);
+  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
+  return res.body.data as T;
+}
+
 /** The SQLSTATE of the error fn throws (fails the test if it does not throw). */
 export async function sqlState(fn: () => Promise<unknown>): Promise<{ code: string; message: string }> {
   try {

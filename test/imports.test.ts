@@ -2,16 +2,14 @@
 // suggestions, bad rows with line numbers, and malformed files that stage nothing.
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
-import { createUser, graphql, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, graphql, graphqlData, http, owner, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 let server: RunningServer;
 let alice: TestUser;
 let token: string;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}) => {
-  const res = await graphql(server.url, query, variables, token);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, token);
 };
 
 async function upload(tableId: string, body: string | Buffer) {

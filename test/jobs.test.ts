@@ -7,7 +7,7 @@ import pg from "pg";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
-import { createUser, db, graphql, http, logged, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphqlData, http, logged, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 import { withUrlParts } from "../src/db/urls.ts";
 
@@ -28,9 +28,7 @@ let sourceDb: SourceDatabase;
 let mysqlConn: mysql.Connection;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
-  const res = await graphql(server.url, query, variables, as);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, as);
 };
 
 async function createAccount(kind: string, name: string, credentials: unknown): Promise<string> {

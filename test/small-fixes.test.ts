@@ -4,7 +4,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { demoUsersBanner } from "../src/demo/index.ts";
 import type { RunningServer } from "../src/server/app.ts";
-import { createUser, graphql, http, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, graphqlData, http, startTestServer, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 let server: RunningServer;
 let editor: TestUser;
@@ -64,9 +64,7 @@ describe("suggestions", () => {
   it("reject answers the same shape as accept: {records, cells, created, deleted}", async () => {
     const token = (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: editor.email, password: TEST_PASSWORD } })).body.token;
     const gql = async (query: string, variables: Record<string, unknown> = {}) => {
-      const res = await graphql(server.url, query, variables, token);
-      if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-      return res.body.data;
+      return graphqlData(server.url, query, variables, token);
     };
     const wb = (await gql(`mutation { createWorkbook(input: { name: "Shapes" }) { result { rowId } } }`)).createWorkbook.result.rowId;
     const t = (await gql(`mutation($w: BigInt!) { addWorkbookTable(input: { workbookId: $w, name: "T", columns: [{ name: "a", type: "text" }, { name: "b", type: "integer" }] }) { result { rowId } } }`, { w: wb })).addWorkbookTable.result.rowId;

@@ -16,7 +16,7 @@ import * as mysqlConnector from "../src/connectors/mysql.ts";
 import { ExactNumber, parseJsonExact } from "../src/exact-json.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { startWorker, type Worker } from "../src/worker.ts";
-import { createUser, db, graphql, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphqlData, http, owner, settled, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 import { createSourceDatabase, type SourceDatabase } from "./source-databases.ts";
 
 const RUN = randomBytes(4).toString("hex");
@@ -33,9 +33,7 @@ let sourceDb: SourceDatabase;
 let mysqlConn: mysql.Connection;
 
 const gql = async (query: string, variables: Record<string, unknown> = {}, as = token) => {
-  const res = await graphql(server.url, query, variables, as);
-  if (res.body.errors) throw new Error(res.body.errors.map((e) => e.message).join("; "));
-  return res.body.data;
+  return graphqlData(server.url, query, variables, as);
 };
 
 async function createAccount(kind: string, credentials: unknown): Promise<string> {
