@@ -653,6 +653,24 @@ grant execute on function snapbase_private.require_role(text) to :ROLE_AGENT;
 grant execute on function snapbase_private.require_role(text) to :ROLE_ANONYMOUS;
 grant execute on function snapbase_private.require_role(text) to :ROLE_VIEWER;
 
+CREATE OR REPLACE FUNCTION snapbase_private.require_write_scope()
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+begin
+  -- Agents write suggestions only, and workbook_access already limits them to that.
+  if snapbase.current_app_role() is distinct from 'agent' and not snapbase_private.token_may_write() then
+    raise exception 'this API token has read access only: it cannot change anything (use a token with the write scope)'
+      using errcode = '42501';
+  end if;
+end;
+$function$;
+comment on function snapbase_private.require_write_scope() is 'Raises 42501 when the caller acts through an API token without the write scope (agents excepted: their own rules apply). Called by audit and enqueue_job, which every write passes through.';
+grant execute on function snapbase_private.require_write_scope() to :ROLE_AGENT;
+grant execute on function snapbase_private.require_write_scope() to :ROLE_VIEWER;
+
 CREATE OR REPLACE FUNCTION snapbase_private.resolve_api_token(secret text)
  RETURNS TABLE(token_id bigint, user_id bigint, email text, role text, scopes text[], workbook_id bigint)
  LANGUAGE plpgsql
@@ -701,3 +719,16 @@ AS $function$
 $function$;
 comment on function snapbase_private.resolve_session(bigint,bigint) is 'For the server (as the authenticator), on every request with a JWT: the user''s current email and role, or no row when the session or the user is gone.';
 grant execute on function snapbase_private.resolve_session(bigint,bigint) to :DATABASE_AUTHENTICATOR;
+
+CREATE OR REPLACE FUNCTION snapbase_private.token_may_write()
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  select snapbase_private.current_token_id() is null
+      or coalesce(string_to_array(nullif(current_setting('jwt.claims.scopes', true), ''), ',') && array['write', 'admin'], false)
+$function$;
+comment on function snapbase_private.token_may_write() is 'False when the caller acts through an API token without the write (or admin) scope; true for sessions, DBAs and the worker. Never NULL.';
+grant execute on function snapbase_private.token_may_write() to :ROLE_AGENT;
+grant execute on function snapbase_private.token_may_write() to :ROLE_VIEWER;

@@ -92,6 +92,8 @@ CREATE OR REPLACE FUNCTION snapbase_private.audit(action text, subject_type text
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+  select snapbase_private.require_write_scope()
+   where action not in ('share_link_access', 'preview', 'sign_in_locked', 'sign_out');
   insert into snapbase.audit_log (action, actor, actor_user_id, actor_token_id, subject_type, subject_id, table_name, details)
   values (
     action,

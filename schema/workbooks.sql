@@ -1715,13 +1715,16 @@ begin
   if o.id is null or m.user_id is null or snapbase.current_app_role() is not distinct from 'agent' then
     raise exception 'no organization %', organization_id using errcode = 'P0002';
   end if;
+  if owner_action is not null then
+    perform snapbase_private.require_write_scope();
+  end if;
   if owner_action is not null and not m.is_owner then
     raise exception 'only an owner of organization % may %', organization_id, owner_action using errcode = '42501';
   end if;
   return o;
 end;
 $function$;
-comment on function snapbase_private.require_organization(bigint,text) is 'The organization, when the caller is a member (and an owner, when owner_action says what for); "no organization N" alike for a missing id and one the caller is not a member of.';
+comment on function snapbase_private.require_organization(bigint,text) is 'The organization, when the caller is a member (and an owner, when owner_action says what for, through a token that may write); "no organization N" alike for a missing id and one the caller is not a member of.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.require_table(table_id bigint, need text)
  RETURNS snapbase.workbook_tables
@@ -1851,12 +1854,13 @@ AS $function$
            then 'agent' end
     when snapbase.current_user_id() is null then
       case when snapbase.current_app_role() = 'admin' then 'owner' end
-    when w.owner_id = snapbase.current_user_id() then 'owner'
-    else (select m.access::text from snapbase.workbook_members m
-           where m.workbook_id = w.id and m.user_id = snapbase.current_user_id())
+    else (select case when a.access is not null and not snapbase_private.token_may_write() then 'viewer' else a.access end
+            from (select case when w.owner_id = snapbase.current_user_id() then 'owner'
+                              else (select m.access::text from snapbase.workbook_members m
+                                     where m.workbook_id = w.id and m.user_id = snapbase.current_user_id()) end as access) a)
   end
   from snapbase.workbooks w where w.id = workbook_access.workbook_id
 $function$;
-comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). An agent token has access to its own workbook only while the user who made it may still edit it.';
+comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). An API token without the write scope has viewer access at most. An agent token has access to its own workbook only while the user who made it may still edit it.';
 grant execute on function snapbase_private.workbook_access(bigint) to :ROLE_AGENT;
 grant execute on function snapbase_private.workbook_access(bigint) to :ROLE_VIEWER;

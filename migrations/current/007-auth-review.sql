@@ -1,0 +1,145 @@
+-- Auth review fixes.
+
+-- 1. A read-scoped API token could write. Its role is viewer, but workbook access
+-- (owner, editor) and organization ownership came from ownership and membership
+-- alone, and account-level functions (connector accounts, CSV files, workbooks and
+-- organizations) checked nothing but the user. Now:
+-- - workbook_access caps owner/editor at viewer for a token without the write scope,
+--   so require_workbook, require_table and row-level security all see read access;
+-- - require_write_scope() refuses a token without it; require_organization calls it for
+--   owners' actions, and the two places every write passes through call it as a
+--   backstop: snapbase_private.audit (every API function that changes something audits
+--   it, in the same transaction) and snapbase_private.enqueue_job.
+
+create or replace function snapbase_private.token_may_write() returns boolean
+language sql stable
+set search_path = pg_catalog
+as $$
+  select snapbase_private.current_token_id() is null
+      or coalesce(string_to_array(nullif(current_setting('jwt.claims.scopes', true), ''), ',') && array['write', 'admin'], false)
+$$;
+comment on function snapbase_private.token_may_write() is
+  'False when the caller acts through an API token without the write (or admin) scope; true for sessions, DBAs and the worker. Never NULL.';
+grant execute on function snapbase_private.token_may_write() to :ROLE_VIEWER;
+grant execute on function snapbase_private.token_may_write() to :ROLE_AGENT;
+
+create or replace function snapbase_private.require_write_scope() returns void
+language plpgsql stable
+set search_path = pg_catalog
+as $$
+begin
+  -- Agents write suggestions only, and workbook_access already limits them to that.
+  if snapbase.current_app_role() is distinct from 'agent' and not snapbase_private.token_may_write() then
+    raise exception 'this API token has read access only: it cannot change anything (use a token with the write scope)'
+      using errcode = '42501';
+  end if;
+end;
+$$;
+comment on function snapbase_private.require_write_scope() is
+  'Raises 42501 when the caller acts through an API token without the write scope (agents excepted: their own rules apply). Called by audit and enqueue_job, which every write passes through.';
+grant execute on function snapbase_private.require_write_scope() to :ROLE_VIEWER;
+grant execute on function snapbase_private.require_write_scope() to :ROLE_AGENT;
+
+CREATE OR REPLACE FUNCTION snapbase_private.workbook_access(workbook_id bigint)
+ RETURNS text
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select case
+    when snapbase.current_app_role() = 'agent' then
+      case when nullif(current_setting('jwt.claims.workbook_id', true), '')::bigint = w.id
+             and (w.owner_id = snapbase.current_user_id()
+                  or exists (select 1 from snapbase.workbook_members m
+                              where m.workbook_id = w.id and m.user_id = snapbase.current_user_id() and m.access = 'editor'))
+           then 'agent' end
+    when snapbase.current_user_id() is null then
+      case when snapbase.current_app_role() = 'admin' then 'owner' end
+    else (select case when a.access is not null and not snapbase_private.token_may_write() then 'viewer' else a.access end
+            from (select case when w.owner_id = snapbase.current_user_id() then 'owner'
+                              else (select m.access::text from snapbase.workbook_members m
+                                     where m.workbook_id = w.id and m.user_id = snapbase.current_user_id()) end as access) a)
+  end
+  from snapbase.workbooks w where w.id = workbook_access.workbook_id
+$function$;
+comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). An API token without the write scope has viewer access at most. An agent token has access to its own workbook only while the user who made it may still edit it.';
+
+CREATE OR REPLACE FUNCTION snapbase_private.require_organization(organization_id bigint, owner_action text)
+ RETURNS snapbase.organizations
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+declare
+  o snapbase.organizations;
+  m snapbase.organization_members;
+begin
+  select * into o from snapbase.organizations org where org.id = organization_id;
+  -- A DBA (the owner, no user) acts as every organization's owner.
+  if snapbase.current_user_id() is null and snapbase.current_app_role() is not distinct from 'admin' then
+    if o.id is null then
+      raise exception 'no organization %', organization_id using errcode = 'P0002';
+    end if;
+    return o;
+  end if;
+  select * into m from snapbase.organization_members om where om.organization_id = o.id and om.user_id = snapbase.current_user_id();
+  if o.id is null or m.user_id is null or snapbase.current_app_role() is not distinct from 'agent' then
+    raise exception 'no organization %', organization_id using errcode = 'P0002';
+  end if;
+  if owner_action is not null then
+    perform snapbase_private.require_write_scope();
+  end if;
+  if owner_action is not null and not m.is_owner then
+    raise exception 'only an owner of organization % may %', organization_id, owner_action using errcode = '42501';
+  end if;
+  return o;
+end;
+$function$;
+comment on function snapbase_private.require_organization(bigint,text) is 'The organization, when the caller is a member (and an owner, when owner_action says what for, through a token that may write); "no organization N" alike for a missing id and one the caller is not a member of.';
+
+-- Every write is audited in its transaction: the backstop for read-scoped tokens.
+-- Reads that are audited (a share link used, a change previewed) and the lockout
+-- count stay allowed; so does signing out, which ends only the caller's own session.
+CREATE OR REPLACE FUNCTION snapbase_private.audit(action text, subject_type text DEFAULT NULL::text, subject_id text DEFAULT NULL::text, table_name text DEFAULT NULL::text, details jsonb DEFAULT '{}'::jsonb)
+ RETURNS bigint
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select snapbase_private.require_write_scope()
+   where action not in ('share_link_access', 'preview', 'sign_in_locked', 'sign_out');
+  insert into snapbase.audit_log (action, actor, actor_user_id, actor_token_id, subject_type, subject_id, table_name, details)
+  values (
+    action,
+    snapbase_private.actor_name(),
+    snapbase.current_user_id(),
+    snapbase_private.current_token_id(),
+    subject_type, subject_id, table_name, coalesce(details, '{}')
+  )
+  returning id
+$function$;
+
+CREATE OR REPLACE FUNCTION snapbase_private.enqueue_job(j snapbase.jobs)
+ RETURNS snapbase.jobs
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+declare
+  created snapbase.jobs;
+begin
+  perform snapbase_private.require_write_scope();
+  begin
+    insert into snapbase.jobs (kind, connector_account_id, workbook_id, table_id, options, created_by, current_table)
+      values (j.kind, j.connector_account_id, j.workbook_id, j.table_id, coalesce(j.options, '{}'), snapbase.current_user_id(), j.current_table)
+      returning * into created;
+  exception when unique_violation then
+    raise exception 'workbook table % already has a job queued or running', j.table_id using errcode = '55P03';
+  end;
+  perform graphile_worker.add_job(
+    case when j.kind in ('test_connection', 'list_tables') then 'inspect_account' else j.kind::text end,
+    json_build_object('job_id', created.id), job_key => 'snapbase_job_' || created.id, max_attempts => 5);
+  return created;
+end;
+$function$;
+comment on function snapbase_private.enqueue_job(snapbase.jobs) is 'Inserts the job and queues its graphile-worker task (job_key: one task per job); refuses an API token without the write scope.';
