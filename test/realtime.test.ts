@@ -250,6 +250,29 @@ describe("GraphQL subscriptions (graphql-ws)", () => {
   });
 });
 
+describe("visible_event", () => {
+  it("answers an event of a topic the caller may not see exactly as a missing id: null", async () => {
+    const { wb } = await workbookWithRecords(0);
+    const account = (await gql(`mutation { createConnectorAccount(input: { kind: "postgres", name: "Hidden", credentials: { connection_string: "postgres://x@127.0.0.1:1/y" } }) { result { rowId } } }`))
+      .createConnectorAccount.result.rowId;
+    const ids: string[] = [];
+    for (const topic of [`workbook:${wb}`, `account:${account}`, "changes"]) {
+      await owner().query(`select snapbase_private.emit($1, 'secret', '{"managed_table_id": 0}')`, [topic]);
+      ids.push((await owner().query("select max(id)::text as id from snapbase_private.events where topic = $1", [topic])).rows[0].id);
+    }
+    const agentToken = (await gql(`mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "a" }) { result } }`,
+      { w: (await workbookWithRecords(0)).wb })).createAgentToken.result;
+    const ask = (id: string, token: string) => graphql(server.url, `query($id: BigInt!) { visibleEvent(eventId: $id) }`, { id }, token);
+    for (const token of [tokens.bob, agentToken]) {
+      const missing = (await ask("9123456789012345", token)).body;
+      expect(missing).toEqual({ data: { visibleEvent: null } });
+      for (const id of ids) expect((await ask(id, token)).body, `event ${id}`).toEqual(missing);
+    }
+    // Its owner sees the workbook's event.
+    expect((await ask(ids[0]!, tokens.alice)).body.data.visibleEvent).toMatchObject({ kind: "secret", topic: `workbook:${wb}` });
+  });
+});
+
 describe("server-sent events", () => {
   it("stream workbook events to an EventSource, which catches up with Last-Event-ID after a reconnect", async () => {
     const { wb, t } = await workbookWithRecords(3);

@@ -143,3 +143,32 @@ begin
 end;
 $function$;
 comment on function snapbase_private.enqueue_job(snapbase.jobs) is 'Inserts the job and queues its graphile-worker task (job_key: one task per job); refuses an API token without the write scope.';
+
+-- 3. visible_event(id) told an outsider which tenant an event belonged to: it called
+-- visible_events for the event's topic, whose "no workbook 1" / "no connector account 1"
+-- (or, for an agent, the role error of "changes") escaped, while a missing id gave NULL.
+-- A topic the caller may not see now answers NULL, exactly as a missing id.
+CREATE OR REPLACE FUNCTION snapbase.visible_event(event_id bigint)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+declare
+  e snapbase_private.events;
+  found jsonb;
+begin
+  select * into e from snapbase_private.events ev where ev.id = event_id;
+  if e.id is null then
+    return null;
+  end if;
+  begin
+    select v into found from snapbase.visible_events(e.topic, e.id - 1, 1) v where (v ->> 'id')::bigint = e.id;
+  exception when no_data_found or insufficient_privilege then
+    -- The topic is not the caller's: the same answer as for an event that does not exist.
+    return null;
+  end;
+  return found;
+end;
+$function$;
+comment on function snapbase.visible_event(bigint) is 'One event, as visible_events would show it to you; NULL alike for a missing id, an event of a topic you may not see, and one you may not see within it.';
