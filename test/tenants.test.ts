@@ -377,6 +377,44 @@ describe("leaving an organization", () => {
   });
 });
 
+describe("a member removed from an organization", () => {
+  it("loses the workbooks they created there: they go to the remover, the member's agent tokens for them end, audited", async () => {
+    const host = await world("editor", "host6");
+    const member = await createUser("editor", "creator");
+    const [hostToken, memberToken] = await Promise.all([tokenFor(host.user), tokenFor(member)]);
+    const gqlAs = async (token: string, query: string, variables: Record<string, unknown> = {}) => (await graphql(server.url, query, variables, token)).body as any;
+    const org = host.ids.organization;
+    const inv = (await gqlAs(hostToken, `mutation($o: BigInt!, $e: String!) { inviteOrganizationMember(input: { organizationId: $o, email: $e }) { result { rowId } } }`, { o: org, e: member.email }))
+      .data.inviteOrganizationMember.result.rowId;
+    await gqlAs(memberToken, `mutation($i: BigInt!) { acceptOrganizationInvitation(input: { invitationId: $i }) { clientMutationId } }`, { i: inv });
+    const wb = (await gqlAs(memberToken, `mutation($o: BigInt!) { createWorkbook(input: { name: "Mine", organizationId: $o }) { result { rowId } } }`, { o: org }))
+      .data.createWorkbook.result.rowId;
+    const agent = (await gqlAs(memberToken, `mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "bot" }) { result } }`, { w: wb })).data.createAgentToken.result;
+    const READ = `query($w: BigInt!) { workbookByRowId(rowId: $w) { rowId name } }`;
+    expect((await gqlAs(agent, READ, { w: wb })).data.workbookByRowId.rowId).toBe(wb);
+
+    const removed = await gqlAs(hostToken, `mutation($o: BigInt!, $u: BigInt!) { removeOrganizationMember(input: { organizationId: $o, userId: $u }) { result } }`, { o: org, u: member.id });
+    expect(removed.errors).toBeUndefined();
+    // The former member: the workbook is one that does not exist.
+    expect((await gqlAs(memberToken, READ, { w: wb })).data.workbookByRowId).toBeNull();
+    const share = await gqlAs(memberToken, `mutation($w: BigInt!) { shareWorkbook(input: { workbookId: $w, email: "x@example.com", access: viewer }) { clientMutationId } }`, { w: wb });
+    expect(share.errors?.[0]).toMatchObject({ message: `no workbook ${wb}`, extensions: { code: "P0002" } });
+    const another = await gqlAs(memberToken, `mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "bot2" }) { result } }`, { w: wb });
+    expect(another.errors?.[0]).toMatchObject({ message: `no workbook ${wb}`, extensions: { code: "P0002" } });
+    const agentAfter = await graphql(server.url, READ, { w: wb }, agent);
+    expect(agentAfter.status).toBe(401);
+    // Even if ownership were left behind, access needs membership.
+    await owner().query("update snapbase.workbooks set owner_id = $2 where id = $1", [wb, member.id]);
+    expect((await gqlAs(memberToken, READ, { w: wb })).data.workbookByRowId).toBeNull();
+    await owner().query("update snapbase.workbooks set owner_id = $2 where id = $1", [wb, host.user.id]);
+    // The remover owns it now.
+    expect((await gqlAs(hostToken, READ, { w: wb })).data.workbookByRowId).toEqual({ rowId: wb, name: "Mine" });
+    const { rows } = await owner().query("select details from snapbase.audit_log where action = 'remove_organization_member' and subject_id = $1 order by id desc limit 1", [org]);
+    expect(rows[0].details).toMatchObject({ user_id: Number(member.id), workbooks: [Number(wb)], new_owner_id: Number(host.user.id) });
+    expect(rows[0].details.revoked_agent_tokens).toHaveLength(1);
+  });
+});
+
 describe("structured edits to a managed table the editor may not read", () => {
   it("are refused alike on both paths, naming none of its columns", async () => {
     const schema = `tn_${Date.now().toString(36)}`;

@@ -47,14 +47,17 @@ CREATE OR REPLACE FUNCTION snapbase_private.workbook_access(workbook_id bigint)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   select case
+    when snapbase.current_user_id() is null then
+      case when snapbase.current_app_role() = 'admin' then 'owner' end
+    -- Owners, members and agents alike: only while the user belongs to the workbook's organization.
+    when not exists (select 1 from snapbase.organization_members om
+                      where om.organization_id = w.organization_id and om.user_id = snapbase.current_user_id()) then null
     when snapbase.current_app_role() = 'agent' then
       case when nullif(current_setting('jwt.claims.workbook_id', true), '')::bigint = w.id
              and (w.owner_id = snapbase.current_user_id()
                   or exists (select 1 from snapbase.workbook_members m
                               where m.workbook_id = w.id and m.user_id = snapbase.current_user_id() and m.access = 'editor'))
            then 'agent' end
-    when snapbase.current_user_id() is null then
-      case when snapbase.current_app_role() = 'admin' then 'owner' end
     else (select case when a.access is not null and not snapbase_private.token_may_write() then 'viewer' else a.access end
             from (select case when w.owner_id = snapbase.current_user_id() then 'owner'
                               else (select m.access::text from snapbase.workbook_members m
@@ -62,7 +65,7 @@ AS $function$
   end
   from snapbase.workbooks w where w.id = workbook_access.workbook_id
 $function$;
-comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). An API token without the write scope has viewer access at most. An agent token has access to its own workbook only while the user who made it may still edit it.';
+comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). Only members of the workbook''s organization have any, its owner included. An API token without the write scope has viewer access at most. An agent token has access to its own workbook only while the user who made it may still edit it.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.require_organization(organization_id bigint, owner_action text)
  RETURNS snapbase.organizations
@@ -172,3 +175,68 @@ begin
 end;
 $function$;
 comment on function snapbase.visible_event(bigint) is 'One event, as visible_events would show it to you; NULL alike for a missing id, an event of a topic you may not see, and one you may not see within it.';
+
+-- 4. A member removed from an organization kept owning the workbooks they had created
+-- in it (workbook_access looked at owner_id alone), so they could still read and share
+-- them and make agent tokens. workbook_access (above) now requires membership in the
+-- workbook's organization; removing a member hands their workbooks there to the
+-- remover (an owner), or, when they leave, to the organization's first owner, and
+-- revokes their agent tokens for those workbooks, audited.
+CREATE OR REPLACE FUNCTION snapbase.remove_organization_member(organization_id bigint, user_id bigint)
+ RETURNS boolean
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+declare
+  -- Anyone may leave; removing someone else is for owners.
+  o snapbase.organizations := snapbase_private.require_organization(organization_id,
+         case when user_id is distinct from snapbase.current_user_id() then 'remove members' end);
+  m snapbase.organization_members;
+  heir bigint;
+  handed bigint[];
+  revoked bigint[];
+begin
+  perform snapbase_private.require_write_scope();
+  select * into m from snapbase.organization_members om where om.organization_id = o.id and om.user_id = remove_organization_member.user_id for update;
+  if m.user_id is null then
+    raise exception 'no member % in organization %', user_id, o.id using errcode = 'P0002';
+  end if;
+  if m.is_owner and not exists (select 1 from snapbase.organization_members om
+                                 where om.organization_id = o.id and om.is_owner and om.user_id <> m.user_id) then
+    raise exception 'organization % would have no owner left' , o.id using errcode = '55000';
+  end if;
+  -- Their shares of the organization's workbooks go with them (and so do their agents' rights).
+  delete from snapbase.workbook_members wm using snapbase.workbooks w
+   where w.id = wm.workbook_id and w.organization_id = o.id and wm.user_id = m.user_id;
+  -- The workbooks they own there go to the owner removing them, or (leaving, or a DBA
+  -- removing them) to the organization's longest-standing other owner.
+  heir := case when snapbase.current_user_id() is distinct from m.user_id
+                and exists (select 1 from snapbase.organization_members om
+                             where om.organization_id = o.id and om.user_id = snapbase.current_user_id() and om.is_owner)
+               then snapbase.current_user_id() end;
+  if heir is null then
+    select om.user_id into heir from snapbase.organization_members om
+     where om.organization_id = o.id and om.is_owner and om.user_id <> m.user_id
+     order by om.joined_at, om.user_id limit 1;
+  end if;
+  with moved as (
+    update snapbase.workbooks w set owner_id = heir
+     where w.organization_id = o.id and w.owner_id = m.user_id
+    returning w.id)
+  select coalesce(array_agg(id order by id), '{}') into handed from moved;
+  -- Their agent tokens for the organization's workbooks end now.
+  with ended as (
+    update snapbase.api_tokens t set revoked_at = now()
+      from snapbase.workbooks w
+     where w.id = t.workbook_id and w.organization_id = o.id and t.user_id = m.user_id and t.revoked_at is null
+    returning t.id)
+  select coalesce(array_agg(id order by id), '{}') into revoked from ended;
+  delete from snapbase.organization_members om where om.organization_id = o.id and om.user_id = m.user_id;
+  perform snapbase_private.audit('remove_organization_member', 'organization', o.id::text, null,
+    jsonb_build_object('user_id', m.user_id, 'workbooks', to_jsonb(handed), 'new_owner_id', case when cardinality(handed) > 0 then heir end,
+                       'revoked_agent_tokens', to_jsonb(revoked)));
+  return true;
+end;
+$function$;
+comment on function snapbase.remove_organization_member(bigint,bigint) is 'Leave an organization (your own user id), or remove a member (owners); their shares of its workbooks end too, the workbooks they own there go to the owner removing them (or, when they leave, to the organization''s first owner), and their agent tokens for its workbooks are revoked. An organization keeps at least one owner.';
