@@ -501,6 +501,14 @@ begin
   if account_key = '' or password is null or password = '' then
     raise exception 'send an email and a password' using errcode = '22023';
   end if;
+  -- One attempt at a time per account and per client address, until this transaction
+  -- ends: concurrent attempts would all pass the lock check below before any of them
+  -- counted its failure, and check more passwords than the limit allows. Always the
+  -- account first, then the address, so two attempts never wait for each other in turn.
+  perform pg_advisory_xact_lock(hashtext('snapbase_login_account'), hashtext(account_key));
+  if address_key is not null then
+    perform pg_advisory_xact_lock(hashtext('snapbase_login_address'), hashtext(address_key));
+  end if;
   select max(t.locked_until) into locked
     from snapbase_private.login_throttle t
    where t.locked_until > now()
@@ -547,7 +555,7 @@ begin
   )::snapbase_private.login_result;
 end;
 $function$;
-comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
+comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): one attempt at a time per account and per client address (transaction advisory locks), checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
 grant execute on function snapbase_private.attempt_login(text,text,inet) to :DATABASE_AUTHENTICATOR;
 
 CREATE OR REPLACE FUNCTION snapbase_private.caller_role()

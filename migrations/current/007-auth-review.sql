@@ -240,3 +240,81 @@ begin
 end;
 $function$;
 comment on function snapbase.remove_organization_member(bigint,bigint) is 'Leave an organization (your own user id), or remove a member (owners); their shares of its workbooks end too, the workbooks they own there go to the owner removing them (or, when they leave, to the organization''s first owner), and their agent tokens for its workbooks are revoked. An organization keeps at least one owner.';
+
+-- 6. Sign-in lockout could be raced: concurrent wrong passwords for one account all read
+-- "not locked" before any counted its failure (20 at once got 8 password checks with a
+-- limit of 5). attempt_login now serializes attempts per account and per address with
+-- transaction-level advisory locks (released when its transaction ends) before the check.
+CREATE OR REPLACE FUNCTION snapbase_private.attempt_login(email text, password text, client_address inet)
+ RETURNS snapbase_private.login_result
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+declare
+  account_key constant text := lower(btrim(coalesce(email, '')));
+  address_key constant text := host(client_address);
+  lockout constant interval := coalesce(snapbase_private.setting('login_lockout')::interval, interval '15 minutes');
+  locked timestamptz;
+  found snapbase.users;
+  stored_hash text;
+  opened snapbase_private.sessions;
+begin
+  if account_key = '' or password is null or password = '' then
+    raise exception 'send an email and a password' using errcode = '22023';
+  end if;
+  -- One attempt at a time per account and per client address, until this transaction
+  -- ends: concurrent attempts would all pass the lock check below before any of them
+  -- counted its failure, and check more passwords than the limit allows. Always the
+  -- account first, then the address, so two attempts never wait for each other in turn.
+  perform pg_advisory_xact_lock(hashtext('snapbase_login_account'), hashtext(account_key));
+  if address_key is not null then
+    perform pg_advisory_xact_lock(hashtext('snapbase_login_address'), hashtext(address_key));
+  end if;
+  select max(t.locked_until) into locked
+    from snapbase_private.login_throttle t
+   where t.locked_until > now()
+     and ((t.scope = 'account' and t.key = account_key) or (t.scope = 'address' and t.key = address_key));
+  if locked is not null then
+    return row('locked', greatest(1, ceil(extract(epoch from locked - now())))::integer, null)::snapbase_private.login_result;
+  end if;
+
+  select u.* into found from snapbase.users u where lower(u.email) = account_key;
+  select s.password_hash into stored_hash from snapbase_private.user_secrets s where s.user_id = found.id;
+  -- Hash even for unknown users so response time does not reveal which emails exist.
+  if stored_hash is null then
+    perform public.crypt(password, public.gen_salt('bf', 10));
+  end if;
+  if stored_hash is null or public.crypt(password, stored_hash) <> stored_hash then
+    perform snapbase_private.count_login_failure('account', account_key,
+      coalesce(snapbase_private.setting('login_max_failures')::integer, 5), lockout,
+      jsonb_build_object('email', account_key, 'address', address_key));
+    if address_key is not null then
+      perform snapbase_private.count_login_failure('address', address_key,
+        coalesce(snapbase_private.setting('login_max_failures_per_address')::integer, 20), lockout,
+        jsonb_build_object('address', address_key, 'email', account_key));
+    end if;
+    -- Stale rows of other keys go a few at a time.
+    delete from snapbase_private.login_throttle t
+     where t.ctid = any (array(select t2.ctid from snapbase_private.login_throttle t2
+                                where t2.window_started_at < now() - 2 * lockout
+                                  and (t2.locked_until is null or t2.locked_until < now())
+                                limit 20));
+    return row('invalid', null, null)::snapbase_private.login_result;
+  end if;
+  if found.disabled_at is not null then
+    return row('disabled', null, null)::snapbase_private.login_result;
+  end if;
+
+  delete from snapbase_private.login_throttle t where t.scope = 'account' and t.key = account_key;
+  delete from snapbase_private.sessions s
+   where s.user_id = found.id and greatest(s.expires_at, s.revoked_at) < now() - interval '1 day';
+  insert into snapbase_private.sessions (user_id, expires_at, client_address)
+  values (found.id, now() + coalesce(snapbase_private.setting('jwt_ttl'), '8 hours')::interval, client_address)
+  returning * into opened;
+  return row('ok', null,
+    row(opened.id, found.id, found.email, found.role::text, 'session', opened.created_at, opened.expires_at)::snapbase.jwt_claims
+  )::snapbase_private.login_result;
+end;
+$function$;
+comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): one attempt at a time per account and per client address (transaction advisory locks), checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
