@@ -57,7 +57,7 @@ CREATE INDEX audit_log_occurred_at_idx ON snapbase.audit_log USING btree (occurr
 CREATE INDEX audit_log_subject_idx ON snapbase.audit_log USING btree (subject_type, subject_id);
 alter table snapbase.audit_log enable row level security;
 create policy select_admin on snapbase.audit_log for select to public
-  using ((snapbase.current_app_role() = 'admin'::text));
+  using (((snapbase.current_app_role() = 'admin'::text) AND snapbase_private.audit_entry_visible(details)));
 CREATE TRIGGER _100_append_only BEFORE DELETE OR UPDATE ON snapbase.audit_log FOR EACH ROW EXECUTE FUNCTION snapbase_private.tg__append_only();
 CREATE TRIGGER _100_append_only_truncate BEFORE TRUNCATE ON snapbase.audit_log FOR EACH STATEMENT EXECUTE FUNCTION snapbase_private.tg__append_only();
 grant select on table snapbase.audit_log to :ROLE_ADMIN;

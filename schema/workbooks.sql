@@ -1324,6 +1324,22 @@ end;
 $function$;
 comment on function snapbase_private.apply_update(snapbase.workbook_tables,bigint,jsonb) is 'Updates one record''s values, flagging as edited the fields that differ from the source (used by update_record and bulk edits). Checks neither access nor audits: its callers do.';
 
+CREATE OR REPLACE FUNCTION snapbase_private.audit_entry_visible(details jsonb)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select case
+    when not (details ? 'workbook_id') or snapbase.current_user_id() is null then true
+    when exists (select 1 from snapbase.workbooks w where w.id = (details ->> 'workbook_id')::bigint)
+      then snapbase_private.workbook_access((details ->> 'workbook_id')::bigint) is not null
+    else coalesce(snapbase_private.is_member((details ->> 'organization_id')::bigint), false)
+  end
+$function$;
+comment on function snapbase_private.audit_entry_visible(jsonb) is 'May the caller see an audit entry with these details: entries about a workbook (they can hold its cell values) only with access to it, or, once it is deleted, as a member of its organization; everything else, and everything for a DBA. Never NULL.';
+grant execute on function snapbase_private.audit_entry_visible(jsonb) to :ROLE_VIEWER;
+
 CREATE OR REPLACE FUNCTION snapbase_private.audit_workbook(action text, workbook_id bigint, subject_type text, subject_id text, table_name text, details jsonb DEFAULT '{}'::jsonb)
  RETURNS void
  LANGUAGE sql
@@ -1333,6 +1349,7 @@ AS $function$
   -- Agents act under their creator's user id; the entry says so.
   select snapbase_private.audit(action, subject_type, subject_id, table_name,
     coalesce(details, '{}') || jsonb_build_object('workbook_id', workbook_id)
+      || coalesce((select jsonb_build_object('organization_id', w.organization_id) from snapbase.workbooks w where w.id = audit_workbook.workbook_id), '{}')
       || case when snapbase.current_app_role() = 'agent' then '{"agent": true}'::jsonb else '{}' end)
 $function$;
 

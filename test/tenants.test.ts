@@ -415,6 +415,21 @@ describe("a member removed from an organization", () => {
   });
 });
 
+describe("the audit log", () => {
+  it("shows an app admin the entries of workbooks they may see only: no other organization's cell values", async () => {
+    const admin = outsiders.find((o) => o.label.startsWith("an admin"))!;
+    const entries = (actor: Actor, workbook: string) => asActor(actor, async (c) =>
+      (await c.query("select action, details from snapbase.audit_log where details ->> 'workbook_id' = $1", [workbook])).rows);
+    // The victim's record values are in the entries (an update as the victim).
+    await committed(actorOf(victim.user), (c) => c.query("select snapbase.update_record($1, $2, $3)", [victim.ids.table, victim.ids.record, JSON.stringify({ name: "cell-secret-7" })]));
+    const all = (await owner().query("select details from snapbase.audit_log where details ->> 'workbook_id' = $1", [victim.ids.workbook])).rows;
+    expect(JSON.stringify(all)).toMatch(/cell-secret-7/);
+    expect(await entries(admin.actor, victim.ids.workbook)).toEqual([]);
+    // Their own organization's workbook: as before.
+    expect((await entries(admin.actor, admin.world.ids.workbook)).length).toBeGreaterThan(0);
+  });
+});
+
 describe("structured edits to a managed table the editor may not read", () => {
   it("are refused alike on both paths, naming none of its columns", async () => {
     const schema = `tn_${Date.now().toString(36)}`;

@@ -318,3 +318,40 @@ begin
 end;
 $function$;
 comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): one attempt at a time per account and per client address (transaction advisory locks), checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
+
+-- 7. An app admin who was not a member of an organization read its workbooks' cell
+-- values in the audit log (update_record, create_record, suggestions, bulk edits and
+-- imports record values). Entries about a workbook (details.workbook_id) are now shown
+-- only to those with access to it; once the workbook is gone, to members of the
+-- organization it belonged to (recorded in the entry from now on). A DBA sees all.
+CREATE OR REPLACE FUNCTION snapbase_private.audit_workbook(action text, workbook_id bigint, subject_type text, subject_id text, table_name text, details jsonb DEFAULT '{}'::jsonb)
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  -- Agents act under their creator's user id; the entry says so.
+  select snapbase_private.audit(action, subject_type, subject_id, table_name,
+    coalesce(details, '{}') || jsonb_build_object('workbook_id', workbook_id)
+      || coalesce((select jsonb_build_object('organization_id', w.organization_id) from snapbase.workbooks w where w.id = audit_workbook.workbook_id), '{}')
+      || case when snapbase.current_app_role() = 'agent' then '{"agent": true}'::jsonb else '{}' end)
+$function$;
+
+create or replace function snapbase_private.audit_entry_visible(details jsonb) returns boolean
+language sql stable security definer
+set search_path = pg_catalog, pg_temp
+as $$
+  select case
+    when not (details ? 'workbook_id') or snapbase.current_user_id() is null then true
+    when exists (select 1 from snapbase.workbooks w where w.id = (details ->> 'workbook_id')::bigint)
+      then snapbase_private.workbook_access((details ->> 'workbook_id')::bigint) is not null
+    else coalesce(snapbase_private.is_member((details ->> 'organization_id')::bigint), false)
+  end
+$$;
+comment on function snapbase_private.audit_entry_visible(jsonb) is
+  'May the caller see an audit entry with these details: entries about a workbook (they can hold its cell values) only with access to it, or, once it is deleted, as a member of its organization; everything else, and everything for a DBA. Never NULL.';
+grant execute on function snapbase_private.audit_entry_visible(jsonb) to :ROLE_VIEWER;
+
+drop policy if exists select_admin on snapbase.audit_log;
+create policy select_admin on snapbase.audit_log for select to public
+  using (snapbase.current_app_role() = 'admin' and snapbase_private.audit_entry_visible(details));
