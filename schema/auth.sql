@@ -502,6 +502,14 @@ begin
   if account_key = '' or password is null or password = '' then
     raise exception 'send an email and a password' using errcode = '22023';
   end if;
+  -- One attempt at a time per account and per client address, until this transaction
+  -- ends: concurrent attempts would all pass the lock check below before any of them
+  -- counted its failure, and check more passwords than the limit allows. Always the
+  -- account first, then the address, so two attempts never wait for each other in turn.
+  perform pg_advisory_xact_lock(hashtext('snapbase_login_account'), hashtext(account_key));
+  if address_key is not null then
+    perform pg_advisory_xact_lock(hashtext('snapbase_login_address'), hashtext(address_key));
+  end if;
   select max(t.locked_until) into locked
     from snapbase_private.login_throttle t
    where t.locked_until > now()
@@ -548,7 +556,7 @@ begin
   )::snapbase_private.login_result;
 end;
 $function$;
-comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
+comment on function snapbase_private.attempt_login(text,text,inet) is 'For the server (as the authenticator): one attempt at a time per account and per client address (transaction advisory locks), checks the lockouts, then the password; counts a failure per account and per address; on success opens a session. Never raises for wrong credentials, so the count is committed even when the caller reports the failure as an error.';
 grant execute on function snapbase_private.attempt_login(text,text,inet) to :DATABASE_AUTHENTICATOR;
 
 CREATE OR REPLACE FUNCTION snapbase_private.caller_role()
@@ -654,6 +662,24 @@ grant execute on function snapbase_private.require_role(text) to :ROLE_AGENT;
 grant execute on function snapbase_private.require_role(text) to :ROLE_ANONYMOUS;
 grant execute on function snapbase_private.require_role(text) to :ROLE_VIEWER;
 
+CREATE OR REPLACE FUNCTION snapbase_private.require_write_scope()
+ RETURNS void
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+begin
+  -- Agents write suggestions only, and workbook_access already limits them to that.
+  if snapbase.current_app_role() is distinct from 'agent' and not snapbase_private.token_may_write() then
+    raise exception 'this API token has read access only: it cannot change anything (use a token with the write scope)'
+      using errcode = '42501';
+  end if;
+end;
+$function$;
+comment on function snapbase_private.require_write_scope() is 'Raises 42501 when the caller acts through an API token without the write scope (agents excepted: their own rules apply). Called by audit and enqueue_job, which every write passes through.';
+grant execute on function snapbase_private.require_write_scope() to :ROLE_AGENT;
+grant execute on function snapbase_private.require_write_scope() to :ROLE_VIEWER;
+
 CREATE OR REPLACE FUNCTION snapbase_private.resolve_api_token(secret text)
  RETURNS TABLE(token_id bigint, user_id bigint, email text, role text, scopes text[], workbook_id bigint)
  LANGUAGE plpgsql
@@ -702,3 +728,16 @@ AS $function$
 $function$;
 comment on function snapbase_private.resolve_session(bigint,bigint) is 'For the server (as the authenticator), on every request with a JWT: the user''s current email and role, or no row when the session or the user is gone.';
 grant execute on function snapbase_private.resolve_session(bigint,bigint) to :DATABASE_AUTHENTICATOR;
+
+CREATE OR REPLACE FUNCTION snapbase_private.token_may_write()
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog'
+AS $function$
+  select snapbase_private.current_token_id() is null
+      or coalesce(string_to_array(nullif(current_setting('jwt.claims.scopes', true), ''), ',') && array['write', 'admin'], false)
+$function$;
+comment on function snapbase_private.token_may_write() is 'False when the caller acts through an API token without the write (or admin) scope; true for sessions, DBAs and the worker. Never NULL.';
+grant execute on function snapbase_private.token_may_write() to :ROLE_AGENT;
+grant execute on function snapbase_private.token_may_write() to :ROLE_VIEWER;

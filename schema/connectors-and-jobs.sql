@@ -1028,6 +1028,7 @@ AS $function$
 declare
   created snapbase.jobs;
 begin
+  perform snapbase_private.require_write_scope();
   begin
     insert into snapbase.jobs (kind, connector_account_id, workbook_id, table_id, options, created_by, current_table)
       values (j.kind, j.connector_account_id, j.workbook_id, j.table_id, coalesce(j.options, '{}'), snapbase.current_user_id(), j.current_table)
@@ -1041,7 +1042,7 @@ begin
   return created;
 end;
 $function$;
-comment on function snapbase_private.enqueue_job(snapbase.jobs) is 'Inserts the job and queues its graphile-worker task (job_key: one task per job).';
+comment on function snapbase_private.enqueue_job(snapbase.jobs) is 'Inserts the job and queues its graphile-worker task (job_key: one task per job); refuses an API token without the write scope.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.finish_download(job_id bigint)
  RETURNS snapbase.jobs

@@ -57,7 +57,7 @@ CREATE INDEX audit_log_occurred_at_idx ON snapbase.audit_log USING btree (occurr
 CREATE INDEX audit_log_subject_idx ON snapbase.audit_log USING btree (subject_type, subject_id);
 alter table snapbase.audit_log enable row level security;
 create policy select_admin on snapbase.audit_log for select to public
-  using ((snapbase.current_app_role() = 'admin'::text));
+  using (((snapbase.current_app_role() = 'admin'::text) AND snapbase_private.audit_entry_visible(details)));
 CREATE TRIGGER _100_append_only BEFORE DELETE OR UPDATE ON snapbase.audit_log FOR EACH ROW EXECUTE FUNCTION snapbase_private.tg__append_only();
 CREATE TRIGGER _100_append_only_truncate BEFORE TRUNCATE ON snapbase.audit_log FOR EACH STATEMENT EXECUTE FUNCTION snapbase_private.tg__append_only();
 grant select on table snapbase.audit_log to :ROLE_ADMIN;
@@ -92,6 +92,8 @@ CREATE OR REPLACE FUNCTION snapbase_private.audit(action text, subject_type text
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
+  select snapbase_private.require_write_scope()
+   where action not in ('share_link_access', 'preview', 'sign_in_locked', 'sign_out');
   insert into snapbase.audit_log (action, actor, actor_user_id, actor_token_id, subject_type, subject_id, table_name, details)
   values (
     action,

@@ -25,13 +25,28 @@ CREATE INDEX events_topic_id_idx ON snapbase_private.events USING btree (topic, 
 
 CREATE OR REPLACE FUNCTION snapbase.visible_event(event_id bigint)
  RETURNS jsonb
- LANGUAGE sql
+ LANGUAGE plpgsql
  STABLE SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
-  select v from snapbase_private.events e, snapbase.visible_events(e.topic, e.id - 1, 1) v
-   where e.id = event_id and (v ->> 'id')::bigint = event_id
+declare
+  e snapbase_private.events;
+  found jsonb;
+begin
+  select * into e from snapbase_private.events ev where ev.id = event_id;
+  if e.id is null then
+    return null;
+  end if;
+  begin
+    select v into found from snapbase.visible_events(e.topic, e.id - 1, 1) v where (v ->> 'id')::bigint = e.id;
+  exception when no_data_found or insufficient_privilege then
+    -- The topic is not the caller's: the same answer as for an event that does not exist.
+    return null;
+  end;
+  return found;
+end;
 $function$;
+comment on function snapbase.visible_event(bigint) is 'One event, as visible_events would show it to you; NULL alike for a missing id, an event of a topic you may not see, and one you may not see within it.';
 grant execute on function snapbase.visible_event(bigint) to :ROLE_AGENT;
 grant execute on function snapbase.visible_event(bigint) to :ROLE_VIEWER;
 

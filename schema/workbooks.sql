@@ -634,7 +634,11 @@ declare
   o snapbase.organizations := snapbase_private.require_organization(organization_id,
          case when user_id is distinct from snapbase.current_user_id() then 'remove members' end);
   m snapbase.organization_members;
+  heir bigint;
+  handed bigint[];
+  revoked bigint[];
 begin
+  perform snapbase_private.require_write_scope();
   select * into m from snapbase.organization_members om where om.organization_id = o.id and om.user_id = remove_organization_member.user_id for update;
   if m.user_id is null then
     raise exception 'no member % in organization %', user_id, o.id using errcode = 'P0002';
@@ -646,12 +650,37 @@ begin
   -- Their shares of the organization's workbooks go with them (and so do their agents' rights).
   delete from snapbase.workbook_members wm using snapbase.workbooks w
    where w.id = wm.workbook_id and w.organization_id = o.id and wm.user_id = m.user_id;
+  -- The workbooks they own there go to the owner removing them, or (leaving, or a DBA
+  -- removing them) to the organization's longest-standing other owner.
+  heir := case when snapbase.current_user_id() is distinct from m.user_id
+                and exists (select 1 from snapbase.organization_members om
+                             where om.organization_id = o.id and om.user_id = snapbase.current_user_id() and om.is_owner)
+               then snapbase.current_user_id() end;
+  if heir is null then
+    select om.user_id into heir from snapbase.organization_members om
+     where om.organization_id = o.id and om.is_owner and om.user_id <> m.user_id
+     order by om.joined_at, om.user_id limit 1;
+  end if;
+  with moved as (
+    update snapbase.workbooks w set owner_id = heir
+     where w.organization_id = o.id and w.owner_id = m.user_id
+    returning w.id)
+  select coalesce(array_agg(id order by id), '{}') into handed from moved;
+  -- Their agent tokens for the organization's workbooks end now.
+  with ended as (
+    update snapbase.api_tokens t set revoked_at = now()
+      from snapbase.workbooks w
+     where w.id = t.workbook_id and w.organization_id = o.id and t.user_id = m.user_id and t.revoked_at is null
+    returning t.id)
+  select coalesce(array_agg(id order by id), '{}') into revoked from ended;
   delete from snapbase.organization_members om where om.organization_id = o.id and om.user_id = m.user_id;
-  perform snapbase_private.audit('remove_organization_member', 'organization', o.id::text, null, jsonb_build_object('user_id', m.user_id));
+  perform snapbase_private.audit('remove_organization_member', 'organization', o.id::text, null,
+    jsonb_build_object('user_id', m.user_id, 'workbooks', to_jsonb(handed), 'new_owner_id', case when cardinality(handed) > 0 then heir end,
+                       'revoked_agent_tokens', to_jsonb(revoked)));
   return true;
 end;
 $function$;
-comment on function snapbase.remove_organization_member(bigint,bigint) is 'Leave an organization (your own user id), or remove a member (owners); their shares of its workbooks end too. An organization keeps at least one owner.';
+comment on function snapbase.remove_organization_member(bigint,bigint) is 'Leave an organization (your own user id), or remove a member (owners); their shares of its workbooks end too, the workbooks they own there go to the owner removing them (or, when they leave, to the organization''s first owner), and their agent tokens for its workbooks are revoked. An organization keeps at least one owner.';
 grant execute on function snapbase.remove_organization_member(bigint,bigint) to :ROLE_VIEWER;
 
 CREATE OR REPLACE FUNCTION snapbase.remove_scratch_column(table_id bigint, column_name text)
@@ -1301,6 +1330,22 @@ end;
 $function$;
 comment on function snapbase_private.apply_update(snapbase.workbook_tables,bigint,jsonb) is 'Updates one record''s values, flagging as edited the fields that differ from the source (used by update_record and bulk edits). Checks neither access nor audits: its callers do.';
 
+CREATE OR REPLACE FUNCTION snapbase_private.audit_entry_visible(details jsonb)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+  select case
+    when not (details ? 'workbook_id') or snapbase.current_user_id() is null then true
+    when exists (select 1 from snapbase.workbooks w where w.id = (details ->> 'workbook_id')::bigint)
+      then snapbase_private.workbook_access((details ->> 'workbook_id')::bigint) is not null
+    else coalesce(snapbase_private.is_member((details ->> 'organization_id')::bigint), false)
+  end
+$function$;
+comment on function snapbase_private.audit_entry_visible(jsonb) is 'May the caller see an audit entry with these details: entries about a workbook (they can hold its cell values) only with access to it, or, once it is deleted, as a member of its organization; everything else, and everything for a DBA. Never NULL.';
+grant execute on function snapbase_private.audit_entry_visible(jsonb) to :ROLE_VIEWER;
+
 CREATE OR REPLACE FUNCTION snapbase_private.audit_workbook(action text, workbook_id bigint, subject_type text, subject_id text, table_name text, details jsonb DEFAULT '{}'::jsonb)
  RETURNS void
  LANGUAGE sql
@@ -1310,6 +1355,7 @@ AS $function$
   -- Agents act under their creator's user id; the entry says so.
   select snapbase_private.audit(action, subject_type, subject_id, table_name,
     coalesce(details, '{}') || jsonb_build_object('workbook_id', workbook_id)
+      || coalesce((select jsonb_build_object('organization_id', w.organization_id) from snapbase.workbooks w where w.id = audit_workbook.workbook_id), '{}')
       || case when snapbase.current_app_role() = 'agent' then '{"agent": true}'::jsonb else '{}' end)
 $function$;
 
@@ -1723,13 +1769,16 @@ begin
   if o.id is null or m.user_id is null or snapbase.current_app_role() is not distinct from 'agent' then
     raise exception 'no organization %', organization_id using errcode = 'P0002';
   end if;
+  if owner_action is not null then
+    perform snapbase_private.require_write_scope();
+  end if;
   if owner_action is not null and not m.is_owner then
     raise exception 'only an owner of organization % may %', organization_id, owner_action using errcode = '42501';
   end if;
   return o;
 end;
 $function$;
-comment on function snapbase_private.require_organization(bigint,text) is 'The organization, when the caller is a member (and an owner, when owner_action says what for); "no organization N" alike for a missing id and one the caller is not a member of.';
+comment on function snapbase_private.require_organization(bigint,text) is 'The organization, when the caller is a member (and an owner, when owner_action says what for, through a token that may write); "no organization N" alike for a missing id and one the caller is not a member of.';
 
 CREATE OR REPLACE FUNCTION snapbase_private.require_table(table_id bigint, need text)
  RETURNS snapbase.workbook_tables
@@ -1851,21 +1900,25 @@ CREATE OR REPLACE FUNCTION snapbase_private.workbook_access(workbook_id bigint)
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
   select case
+    when snapbase.current_user_id() is null then
+      case when snapbase.current_app_role() = 'admin' then 'owner' end
+    -- Owners, members and agents alike: only while the user belongs to the workbook's organization.
+    when not exists (select 1 from snapbase.organization_members om
+                      where om.organization_id = w.organization_id and om.user_id = snapbase.current_user_id()) then null
     when snapbase.current_app_role() = 'agent' then
       case when nullif(current_setting('jwt.claims.workbook_id', true), '')::bigint = w.id
              and (w.owner_id = snapbase.current_user_id()
                   or exists (select 1 from snapbase.workbook_members m
                               where m.workbook_id = w.id and m.user_id = snapbase.current_user_id() and m.access = 'editor'))
            then 'agent' end
-    when snapbase.current_user_id() is null then
-      case when snapbase.current_app_role() = 'admin' then 'owner' end
-    when w.owner_id = snapbase.current_user_id() then 'owner'
-    else (select m.access::text from snapbase.workbook_members m
-           where m.workbook_id = w.id and m.user_id = snapbase.current_user_id())
+    else (select case when a.access is not null and not snapbase_private.token_may_write() then 'viewer' else a.access end
+            from (select case when w.owner_id = snapbase.current_user_id() then 'owner'
+                              else (select m.access::text from snapbase.workbook_members m
+                                     where m.workbook_id = w.id and m.user_id = snapbase.current_user_id()) end as access) a)
   end
   from snapbase.workbooks w where w.id = workbook_access.workbook_id
 $function$;
-comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). An agent token has access to its own workbook only while the user who made it may still edit it.';
+comment on function snapbase_private.workbook_access(bigint) is 'The caller''s access to a workbook: owner, editor, viewer, agent, or NULL (none, or no such workbook). Only members of the workbook''s organization have any, its owner included. An API token without the write scope has viewer access at most. An agent token has access to its own workbook only while the user who made it may still edit it.';
 grant execute on function snapbase_private.workbook_access(bigint) to :ROLE_AGENT;
 grant execute on function snapbase_private.workbook_access(bigint) to :ROLE_VIEWER;
 

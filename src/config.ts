@@ -33,7 +33,7 @@ export interface HttpOptions {
   corsOrigins: string[];
   /** Express's `trust proxy`: which proxies' X-Forwarded-For to believe for the client address. */
   trustProxy: boolean | number | string;
-  graphqlLimits: { maxAliases: number; maxDepth: number; maxCost: number };
+  graphqlLimits: { maxAliases: number; maxDepth: number; maxCost: number; maxPageSize: number; defaultPageSize: number };
 }
 
 export interface LoginPolicy {
@@ -85,7 +85,7 @@ export const developmentHttpOptions: HttpOptions = {
   suggestions: true,
   corsOrigins: [],
   trustProxy: false,
-  graphqlLimits: { maxAliases: 20, maxDepth: 12, maxCost: 50000 },
+  graphqlLimits: { maxAliases: 20, maxDepth: 12, maxCost: 50000, maxPageSize: 1000, defaultPageSize: 100 },
 };
 
 const intervalPattern = /^\d+\s*(seconds?|minutes?|hours?|days?)$/;
@@ -250,6 +250,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
         maxAliases: parseInt10("GRAPHQL_MAX_ALIASES", env.GRAPHQL_MAX_ALIASES, developmentHttpOptions.graphqlLimits.maxAliases, 1, 10000, problems),
         maxDepth: parseInt10("GRAPHQL_MAX_DEPTH", env.GRAPHQL_MAX_DEPTH, developmentHttpOptions.graphqlLimits.maxDepth, 1, 100, problems),
         maxCost: parseInt10("GRAPHQL_MAX_COST", env.GRAPHQL_MAX_COST, developmentHttpOptions.graphqlLimits.maxCost, 1, 1e9, problems),
+        maxPageSize: parseInt10("GRAPHQL_MAX_PAGE_SIZE", env.GRAPHQL_MAX_PAGE_SIZE, developmentHttpOptions.graphqlLimits.maxPageSize, 1, 1e6, problems),
+        defaultPageSize: parseInt10("GRAPHQL_DEFAULT_PAGE_SIZE", env.GRAPHQL_DEFAULT_PAGE_SIZE, developmentHttpOptions.graphqlLimits.defaultPageSize, 1, 1e6, problems),
       },
     },
     login: {

@@ -321,6 +321,25 @@ describe("sign-in throttling", () => {
     expect((await login(viewer.email, TEST_PASSWORD, "198.51.100.21")).status).toBe(200);
   });
 
+  it("checks no more passwords than the limit when wrong ones arrive at once, per account and per address", async () => {
+    const u = await createUser("viewer", "raced");
+    const attempt = async (email: string, address: string) => {
+      const c = new pg.Client({ connectionString: db.authenticatorUrl });
+      await c.connect();
+      try {
+        return (await c.query("select (snapbase_private.attempt_login($1, 'wrong password', $2::inet)).outcome", [email, address])).rows[0].outcome as string;
+      } finally {
+        await c.end();
+      }
+    };
+    const byAccount = await Promise.all(Array.from({ length: 20 }, (_, i) => attempt(u.email, `198.51.101.${i + 1}`)));
+    expect(byAccount.filter((o) => o === "invalid")).toHaveLength(5);
+    expect(byAccount.filter((o) => o === "locked")).toHaveLength(15);
+    const from = "203.0.113.99";
+    const byAddress = await Promise.all(Array.from({ length: 24 }, (_, i) => attempt(`race-${i}-${Date.now()}@example.com`, from)));
+    expect(byAddress.filter((o) => o === "invalid")).toHaveLength(20);
+  });
+
   it("locks a client address after 20 failures across accounts", async () => {
     const from = "203.0.113.7";
     for (let i = 0; i < 20; i++) {

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ConfigError, loadConfig } from "../src/config.ts";
 import type { RunningServer } from "../src/server/app.ts";
-import { createUser, graphql, http, startTestServer, tokenFor, type TestUser } from "./helpers.ts";
+import { createUser, graphql, http, owner, startTestServer, tokenFor, type TestUser } from "./helpers.ts";
 
 let dev: RunningServer;
 let prod: RunningServer;
@@ -59,6 +59,35 @@ describe("GraphQL cost limits", () => {
     const res = await graphql(dev.url, "{ allUsers(first: 1000) { nodes { email apiTokensByUserId(first: 1000) { nodes { name scopes } } } } }", {}, await tokenFor(viewer));
     expect(codeOf(res)).toBe("query_too_costly");
     expect(res.body.errors?.[0]?.message).toMatch(/cost/);
+  });
+
+  it("counts page sizes given in variables, and refuses one above the maximum, with a clear error", async () => {
+    const token = await tokenFor(viewer);
+    const nested = "query($n: Int, $m: Int) { allUsers(first: $n) { nodes { email apiTokensByUserId(first: $m) { nodes { name scopes } } } } }";
+    const costly = await graphql(dev.url, nested, { n: 1000, m: 1000 }, token);
+    expect(codeOf(costly)).toBe("query_too_costly");
+    const huge = await graphql(dev.url, `query($n: Int) { snapshotRows(snapshotId: "1", first: $n) { totalCount } }`, { n: 100000 }, token);
+    expect(codeOf(huge)).toBe("page_too_large");
+    expect(huge.body.errors?.[0]?.message).toMatch(/first.*at most 1000.*100000/);
+    // A literal one is already refused by the cost rule while the document is validated.
+    const literal = await graphql(dev.url, `{ allUsers(first: 100000) { nodes { email } } }`, {}, token);
+    expect(codeOf(literal)).toBe("query_too_costly");
+    // Small pages through variables go through.
+    const fine = await graphql(dev.url, nested, { n: 5, m: 5 }, token);
+    expect(fine.body.errors).toBeUndefined();
+  });
+
+  it("gives a connection asked for without first or last a default page, counted in its cost", async () => {
+    const token = await tokenFor(await createUser("admin", "pager"));
+    await owner().query("insert into snapbase.users (email) select 'paged-' || i || '-' || md5(random()::text) || '@example.com' from generate_series(1, 120) i");
+    const all = await graphql(dev.url, "{ allUsers { totalCount nodes { email } pageInfo { hasNextPage } } }", {}, token);
+    expect(all.body.errors).toBeUndefined();
+    expect(all.body.data.allUsers.totalCount).toBeGreaterThan(120);
+    expect(all.body.data.allUsers.nodes.length).toBe(100);
+    expect(all.body.data.allUsers.pageInfo.hasNextPage).toBe(true);
+    // Unpaged nesting is estimated with the default page at each level.
+    const nested = await graphql(dev.url, "{ allUsers { nodes { apiTokensByUserId { nodes { name userByUserId { apiTokensByUserId { nodes { name } } } } } } } }", {}, token);
+    expect(codeOf(nested)).toBe("query_too_costly");
   });
 
   it("lets an ordinary query through", async () => {

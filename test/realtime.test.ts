@@ -57,7 +57,13 @@ function subscribe(token: string, topic: string, at = server): Inbox<Event | nul
       if (msg.errors?.length) inbox.push({ id: -1, kind: "error", error: msg.errors[0]!.message, code: msg.errors[0]!.extensions?.code });
       else inbox.push(msg.data?.events ?? null);
     },
-    error: (e) => inbox.push({ id: -1, kind: "error", error: String((e as Error)?.message ?? JSON.stringify(e)) }),
+    // An error message (graphql-ws: an array of errors) ends the operation too.
+    error: (e) => {
+      inbox.ended = true;
+      const first = Array.isArray(e) ? (e[0] as { message: string; extensions?: { code?: string } }) : undefined;
+      inbox.push(first ? { id: -1, kind: "error", error: first.message, code: first.extensions?.code }
+        : { id: -1, kind: "error", error: String((e as Error)?.message ?? JSON.stringify(e)) });
+    },
     complete: () => {
       inbox.ended = true;
       inbox.push(null);
@@ -198,6 +204,31 @@ describe("GraphQL subscriptions (graphql-ws)", () => {
     expect(missing.items).toEqual([{ id: -1, kind: "error", error: "no workbook 9123456789012345", code: "P0002" }, null]);
   });
 
+  it("end with an error at the next event once the session is signed out, the user disabled, or the API token revoked", async () => {
+    const carol = await createUser("editor", "carol");
+    const login = async () => (await http(server.url, "POST", "/api/v1/auth/login", { body: { email: carol.email, password: TEST_PASSWORD } })).body.token as string;
+    const [signedOut, disabled] = [await login(), await login()];
+    const apiToken = (await gql(`mutation { createApiToken(input: { name: "live", scopes: ["read"] }) { result } }`, {}, signedOut)).createApiToken.result as string;
+    const tokenId = (await owner().query("select token_id::text from snapbase_private.api_token_hashes where token_hash = digest($1, 'sha256')", [apiToken])).rows[0].token_id;
+    const wb = (await gql(`mutation { createWorkbook(input: { name: "Watched" }) { result { rowId } } }`, {}, signedOut)).createWorkbook.result.rowId;
+    const topic = `workbook:${wb}`;
+    const cases: [string, string, () => Promise<unknown>][] = [
+      ["revoked API token", apiToken, () => gql(`mutation($id: BigInt!) { revokeApiToken(input: { tokenId: $id }) { clientMutationId } }`, { id: tokenId }, disabled)],
+      ["signed out", signedOut, () => gql(`mutation { signOut(input: {}) { result } }`, {}, signedOut)],
+      ["disabled user", disabled, () => owner().query("select snapbase.set_user_disabled($1, true)", [carol.id])],
+    ];
+    for (const [label, token, end] of cases) {
+      const inbox = subscribe(token, topic);
+      await live(inbox, topic);
+      await end();
+      await owner().query("select snapbase_private.emit($1, 'after_end', '{}')", [topic]);
+      await inbox.until(() => inbox.ended, 15_000).catch(() => {});
+      expect(received(inbox.items).filter((e) => e.kind === "after_end"), label).toEqual([]);
+      expect(inbox.ended, `${label}: ${JSON.stringify(inbox.items.slice(-3))}`).toBe(true);
+      expect(received(inbox.items).at(-1), label).toMatchObject({ kind: "error", code: "session_ended" });
+    }
+  });
+
   it("send a subscriber only the events it may see, never a null in place of one", async () => {
     const { wb, t } = await workbookWithRecords(1);
     const hidden = (await gql(`mutation($w: BigInt!) { addWorkbookTable(input: { workbookId: $w, name: "Private", columns: [{ name: "x", type: "text" }] }) { result { rowId } } }`, { w: wb }))
@@ -216,6 +247,29 @@ describe("GraphQL subscriptions (graphql-ws)", () => {
     expect(inbox.items.every((e) => e !== null)).toBe(true);
     expect(received(inbox.items).map((e) => [e.kind, e.action ?? null, e.table_id, e.hidden])).toEqual([
       ["records", "edited", Number(t), undefined], ["table_removed", null, Number(t), undefined]]);
+  });
+});
+
+describe("visible_event", () => {
+  it("answers an event of a topic the caller may not see exactly as a missing id: null", async () => {
+    const { wb } = await workbookWithRecords(0);
+    const account = (await gql(`mutation { createConnectorAccount(input: { kind: "postgres", name: "Hidden", credentials: { connection_string: "postgres://x@127.0.0.1:1/y" } }) { result { rowId } } }`))
+      .createConnectorAccount.result.rowId;
+    const ids: string[] = [];
+    for (const topic of [`workbook:${wb}`, `account:${account}`, "changes"]) {
+      await owner().query(`select snapbase_private.emit($1, 'secret', '{"managed_table_id": 0}')`, [topic]);
+      ids.push((await owner().query("select max(id)::text as id from snapbase_private.events where topic = $1", [topic])).rows[0].id);
+    }
+    const agentToken = (await gql(`mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "a" }) { result } }`,
+      { w: (await workbookWithRecords(0)).wb })).createAgentToken.result;
+    const ask = (id: string, token: string) => graphql(server.url, `query($id: BigInt!) { visibleEvent(eventId: $id) }`, { id }, token);
+    for (const token of [tokens.bob, agentToken]) {
+      const missing = (await ask("9123456789012345", token)).body;
+      expect(missing).toEqual({ data: { visibleEvent: null } });
+      for (const id of ids) expect((await ask(id, token)).body, `event ${id}`).toEqual(missing);
+    }
+    // Its owner sees the workbook's event.
+    expect((await ask(ids[0]!, tokens.alice)).body.data.visibleEvent).toMatchObject({ kind: "secret", topic: `workbook:${wb}` });
   });
 });
 

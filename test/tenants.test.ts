@@ -377,6 +377,59 @@ describe("leaving an organization", () => {
   });
 });
 
+describe("a member removed from an organization", () => {
+  it("loses the workbooks they created there: they go to the remover, the member's agent tokens for them end, audited", async () => {
+    const host = await world("editor", "host6");
+    const member = await createUser("editor", "creator");
+    const [hostToken, memberToken] = await Promise.all([tokenFor(host.user), tokenFor(member)]);
+    const gqlAs = async (token: string, query: string, variables: Record<string, unknown> = {}) => (await graphql(server.url, query, variables, token)).body as any;
+    const org = host.ids.organization;
+    const inv = (await gqlAs(hostToken, `mutation($o: BigInt!, $e: String!) { inviteOrganizationMember(input: { organizationId: $o, email: $e }) { result { rowId } } }`, { o: org, e: member.email }))
+      .data.inviteOrganizationMember.result.rowId;
+    await gqlAs(memberToken, `mutation($i: BigInt!) { acceptOrganizationInvitation(input: { invitationId: $i }) { clientMutationId } }`, { i: inv });
+    const wb = (await gqlAs(memberToken, `mutation($o: BigInt!) { createWorkbook(input: { name: "Mine", organizationId: $o }) { result { rowId } } }`, { o: org }))
+      .data.createWorkbook.result.rowId;
+    const agent = (await gqlAs(memberToken, `mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "bot" }) { result } }`, { w: wb })).data.createAgentToken.result;
+    const READ = `query($w: BigInt!) { workbookByRowId(rowId: $w) { rowId name } }`;
+    expect((await gqlAs(agent, READ, { w: wb })).data.workbookByRowId.rowId).toBe(wb);
+
+    const removed = await gqlAs(hostToken, `mutation($o: BigInt!, $u: BigInt!) { removeOrganizationMember(input: { organizationId: $o, userId: $u }) { result } }`, { o: org, u: member.id });
+    expect(removed.errors).toBeUndefined();
+    // The former member: the workbook is one that does not exist.
+    expect((await gqlAs(memberToken, READ, { w: wb })).data.workbookByRowId).toBeNull();
+    const share = await gqlAs(memberToken, `mutation($w: BigInt!) { shareWorkbook(input: { workbookId: $w, email: "x@example.com", access: viewer }) { clientMutationId } }`, { w: wb });
+    expect(share.errors?.[0]).toMatchObject({ message: `no workbook ${wb}`, extensions: { code: "P0002" } });
+    const another = await gqlAs(memberToken, `mutation($w: BigInt!) { createAgentToken(input: { workbookId: $w, name: "bot2" }) { result } }`, { w: wb });
+    expect(another.errors?.[0]).toMatchObject({ message: `no workbook ${wb}`, extensions: { code: "P0002" } });
+    const agentAfter = await graphql(server.url, READ, { w: wb }, agent);
+    expect(agentAfter.status).toBe(401);
+    // Even if ownership were left behind, access needs membership.
+    await owner().query("update snapbase.workbooks set owner_id = $2 where id = $1", [wb, member.id]);
+    expect((await gqlAs(memberToken, READ, { w: wb })).data.workbookByRowId).toBeNull();
+    await owner().query("update snapbase.workbooks set owner_id = $2 where id = $1", [wb, host.user.id]);
+    // The remover owns it now.
+    expect((await gqlAs(hostToken, READ, { w: wb })).data.workbookByRowId).toEqual({ rowId: wb, name: "Mine" });
+    const { rows } = await owner().query("select details from snapbase.audit_log where action = 'remove_organization_member' and subject_id = $1 order by id desc limit 1", [org]);
+    expect(rows[0].details).toMatchObject({ user_id: Number(member.id), workbooks: [Number(wb)], new_owner_id: Number(host.user.id) });
+    expect(rows[0].details.revoked_agent_tokens).toHaveLength(1);
+  });
+});
+
+describe("the audit log", () => {
+  it("shows an app admin the entries of workbooks they may see only: no other organization's cell values", async () => {
+    const admin = outsiders.find((o) => o.label.startsWith("an admin"))!;
+    const entries = (actor: Actor, workbook: string) => asActor(actor, async (c) =>
+      (await c.query("select action, details from snapbase.audit_log where details ->> 'workbook_id' = $1", [workbook])).rows);
+    // The victim's record values are in the entries (an update as the victim).
+    await committed(actorOf(victim.user), (c) => c.query("select snapbase.update_record($1, $2, $3)", [victim.ids.table, victim.ids.record, JSON.stringify({ name: "cell-secret-7" })]));
+    const all = (await owner().query("select details from snapbase.audit_log where details ->> 'workbook_id' = $1", [victim.ids.workbook])).rows;
+    expect(JSON.stringify(all)).toMatch(/cell-secret-7/);
+    expect(await entries(admin.actor, victim.ids.workbook)).toEqual([]);
+    // Their own organization's workbook: as before.
+    expect((await entries(admin.actor, admin.world.ids.workbook)).length).toBeGreaterThan(0);
+  });
+});
+
 describe("structured edits to a managed table the editor may not read", () => {
   it("are refused alike on both paths, naming none of its columns", async () => {
     const schema = `tn_${Date.now().toString(36)}`;
@@ -395,5 +448,103 @@ describe("structured edits to a managed table the editor may not read", () => {
     expect(JSON.stringify(viaRest)).not.toMatch(/salary_secret_col|no_such_col/);
     expect((await owner().query(`select count(*)::int as n from snapbase.change_requests where table_name = '${schema}.payroll'`)).rows[0].n).toBe(0);
     await owner().query(`drop schema ${schema} cascade`);
+  });
+});
+
+describe("a read-scoped API token", () => {
+  /** Every volatile function of the API, with its arguments, from the catalog. */
+  async function volatileFunctions(): Promise<Fn[]> {
+    const { rows } = await owner().query(`
+      select p.oid::regprocedure::text as sig, p.proname as name,
+             (select jsonb_agg(jsonb_build_object('name', a.name, 'type', format_type(a.type, null), 'hasDefault', a.ord > p.pronargs - p.pronargdefaults) order by a.ord)
+                from unnest(p.proargtypes::oid[], (select array_agg(n order by o) from unnest(p.proargnames, coalesce(p.proargmodes, array_fill('i'::"char", array[coalesce(cardinality(p.proargnames), 0)]))) with ordinality x(n, m, o) where m in ('i', 'b', 'v')))
+                     with ordinality a(type, name, ord)) as args
+        from pg_proc p
+       where p.pronamespace = 'snapbase'::regnamespace and p.prokind = 'f' and p.provolatile = 'v'
+       order by 1`);
+    return rows.map((r): Fn => ({ sig: r.sig, name: r.name, args: r.args ?? [] }));
+  }
+  /** A call with the caller's own ids and plausible values; parameters nobody has a value for get NULL. */
+  function ownCall(fn: Fn, own: World): { sql: string; params: unknown[] } {
+    const params: unknown[] = [];
+    const parts: string[] = [];
+    for (const a of fn.args) {
+      let value: unknown = null;
+      if (a.name in ID_KINDS) value = own.ids[ID_KINDS[a.name]!];
+      else if (a.name in ARRAY_ID_KINDS) value = [own.ids[ARRAY_ID_KINDS[a.name]!]];
+      else if (a.name === "user_id") value = own.user.id;
+      else if (a.name === "scopes") value = ["write"];
+      else if (a.name in OTHER_ARGS) value = OTHER_ARGS[a.name];
+      else if (a.hasDefault) continue;
+      params.push(value !== null && /^jsonb?$/.test(a.type) ? JSON.stringify(value) : value);
+      parts.push(`"${a.name}" => $${params.length}::${a.type}`);
+    }
+    return { sql: `select * from snapbase.${fn.name}(${parts.join(", ")})`, params };
+  }
+
+  it("changes nothing: every function a write token of the same user may call is refused", async () => {
+    const reader = await world("editor", "reader");
+    const tokenId = await one(owner(), "insert into snapbase.api_tokens (user_id, name, scopes) values ($1, 'ro', '{read}') returning id", [reader.user.id]);
+    const writeId = await one(owner(), "insert into snapbase.api_tokens (user_id, name, scopes) values ($1, 'rw', '{write}') returning id", [reader.user.id]);
+    const viaToken = (role: "viewer" | "editor", id: string, scopes: string): Actor =>
+      ({ role, userId: reader.user.id, email: reader.user.email, extra: { "jwt.claims.token_id": id, "jwt.claims.scopes": scopes } });
+    const problems: string[] = [];
+    let writable = 0;
+    const fns = await volatileFunctions();
+    // One transaction after the other (each call in a savepoint that is rolled back): a
+    // transaction waiting on the other's locks would never end.
+    const runAll = (actor: Actor) => asActor(actor, async (c) => {
+      const callable = new Set((await c.query("select p.oid::regprocedure::text as sig from pg_proc p where p.pronamespace = 'snapbase'::regnamespace and has_function_privilege(p.oid, 'execute')")).rows.map((r) => r.sig));
+      const answers = new Map<string, { code: string; message: string }>();
+      for (const fn of fns) {
+        if (!callable.has(fn.sig)) continue;
+        const call = ownCall(fn, reader);
+        answers.set(fn.sig, await outcome(c, call.sql, call.params));
+      }
+      return answers;
+    });
+    const writes = await runAll(viaToken("editor", writeId, "write"));
+    const reads = await runAll(viaToken("viewer", tokenId, "read"));
+    for (const [sig, read] of reads) {
+      // Ends the caller's own session, and an API token has none: it changes nothing.
+      if (sig === "snapbase.sign_out()") continue;
+      const write = writes.get(sig);
+      if (write?.code === "ok") writable++;
+      // Refused: 42501, or P0002 for what only those who may write see (an import, a share link).
+      if (read.code === "ok" || (write?.code === "ok" && !["42501", "P0002"].includes(read.code))) {
+        problems.push(`${sig}: read token ${read.code} "${read.message.slice(0, 120)}" (write token: ${write?.code})`);
+      }
+    }
+    expect(problems).toEqual([]);
+    expect(writable).toBeGreaterThan(25);
+  }, 180_000);
+
+  it("is refused over GraphQL and REST, while it still reads", async () => {
+    const reader = await world("editor", "reader2");
+    const created = await graphql(server.url, `mutation { createApiToken(input: { name: "ro", scopes: ["read"] }) { result } }`, {}, await tokenFor(reader.user));
+    const token = created.body.data.createApiToken.result as string;
+    expect((await graphql(server.url, "{ currentAppRole }", {}, token)).body.data.currentAppRole).toBe("viewer");
+    const attempts: [string, Record<string, unknown>][] = [
+      [`mutation($t: BigInt!, $r: BigInt!) { updateRecord(input: { tableId: $t, recordId: $r, values: { name: "x" } }) { clientMutationId } }`, { t: reader.ids.table, r: reader.ids.record }],
+      [`mutation($t: BigInt!) { createShareLink(input: { tableId: $t }) { clientMutationId } }`, { t: reader.ids.table }],
+      [`mutation($w: BigInt!) { renameWorkbook(input: { workbookId: $w, name: "y" }) { clientMutationId } }`, { w: reader.ids.workbook }],
+      [`mutation($t: BigInt!) { setTableFilter(input: { tableId: $t, filter: "true" }) { clientMutationId } }`, { t: reader.ids.table }],
+      [`mutation($t: BigInt!) { acceptSuggestions(input: { tableId: $t }) { clientMutationId } }`, { t: reader.ids.table }],
+      [`mutation($o: BigInt!) { inviteOrganizationMember(input: { organizationId: $o, email: "z@example.com" }) { clientMutationId } }`, { o: reader.ids.organization }],
+      [`mutation { createConnectorAccount(input: { kind: "postgres", name: "n", credentials: { connection_string: "postgres://u:pw@127.0.0.1:1/db" } }) { clientMutationId } }`, {}],
+      [`mutation { createWorkbook(input: { name: "w" }) { clientMutationId } }`, {}],
+    ];
+    for (const [query, variables] of attempts) {
+      const res = await graphql(server.url, query, variables, token);
+      expect(res.body.errors?.[0]?.extensions?.code, query).toBe("42501");
+    }
+    const upload = await fetch(`${server.url}/api/v1/csv-files?name=ro.csv`, { method: "POST", headers: { "content-type": "text/csv", authorization: `Bearer ${token}` }, body: "a\n1\n" });
+    expect(upload.status).toBe(403);
+    const { rows } = await owner().query("select count(*)::int as n from snapbase.audit_log where actor_token_id = (select token_id from snapbase_private.api_token_hashes where token_hash = digest($1, 'sha256'))", [token]);
+    expect(rows[0].n).toBe(0);
+    // Reading goes on.
+    const read = await graphql(server.url, `query($t: BigInt!) { workbookRecordCounts(tableId: $t) { total } }`, { t: reader.ids.table }, token);
+    expect(read.body.errors).toBeUndefined();
+    expect(read.body.data.workbookRecordCounts.total).toBe("1");
   });
 });

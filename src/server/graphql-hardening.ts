@@ -7,10 +7,19 @@
 //   whether to hide them; errors after validation (variables) are trimmed in maskError.
 // - Introspection by anonymous requests is refused at execution time, because
 //   validation results are cached per document for every caller alike.
+// - Page sizes: Armor's cost rule sees only literal `first:`/`last:` values, so a page
+//   size in a variable, or none at all (PostGraphile then returns every row), escaped
+//   the cost limit. At execution, with the variables known, every `first`/`last` must
+//   be at most GRAPHQL_MAX_PAGE_SIZE (`page_too_large`); a field taking them that gets
+//   neither is given `first: GRAPHQL_DEFAULT_PAGE_SIZE`; and the cost is estimated
+//   again over the document with those values written in (`query_too_costly`).
 import { costLimitRule } from "@escape.tech/graphql-armor-cost-limit";
 import { maxAliasesRule } from "@escape.tech/graphql-armor-max-aliases";
 import { maxDepthRule } from "@escape.tech/graphql-armor-max-depth";
-import { GraphQLError, Kind, visit, type ValidationContext, type ValidationRule } from "postgraphile/graphql";
+import {
+  type ArgumentNode, type DocumentNode, type FieldNode, GraphQLError, type GraphQLSchema, Kind, TypeInfo, validate, visit,
+  visitWithTypeInfo, type ValidationContext, type ValidationRule, type ValueNode,
+} from "postgraphile/graphql";
 import type { HttpOptions } from "../config.ts";
 
 type Limits = HttpOptions["graphqlLimits"];
@@ -23,6 +32,16 @@ function limitError(code: string, describe: (limit: string, found: string) => st
     const found = m ? String(Math.round(Number(m[2]))) : "more";
     context.reportError(new GraphQLError(describe(m?.[1] ?? "the limit", found), { extensions: { code } }));
   };
+}
+
+function costRule(limits: Limits): ValidationRule {
+  return costLimitRule({
+    exposeLimits: true,
+    propagateOnRejection: false,
+    maxCost: limits.maxCost,
+    onReject: [limitError("query_too_costly", (n, found) =>
+      `the estimated cost of this operation is ${found}, above the limit of ${n}: ask for fewer items (first: …) or fewer nested lists`)],
+  }) as unknown as ValidationRule;
 }
 
 export function limitRules(limits: Limits): ValidationRule[] {
@@ -38,13 +57,88 @@ export function limitRules(limits: Limits): ValidationRule[] {
       n: limits.maxDepth,
       onReject: [limitError("query_too_deep", (n, found) => `operations may have a depth of at most ${n}; found ${found}`)],
     }) as unknown as ValidationRule,
-    costLimitRule({
-      ...common,
-      maxCost: limits.maxCost,
-      onReject: [limitError("query_too_costly", (n, found) =>
-        `the estimated cost of this operation is ${found}, above the limit of ${n}: ask for fewer items (first: …) or fewer nested lists`)],
-    }) as unknown as ValidationRule,
+    costRule(limits),
   ];
+}
+
+const PAGE_ARGS = new Set(["first", "last"]);
+const intValue = (n: number): ValueNode => ({ kind: Kind.INT, value: String(n) });
+const pageArgument = (name: string, n: number): ArgumentNode => ({ kind: Kind.ARGUMENT, name: { kind: Kind.NAME, value: name }, value: intValue(n) });
+
+/**
+ * The document as it will run and as its cost is estimated, with the request's
+ * variables: `first`/`last` variables written in as literals (for the estimate), and
+ * `first: <default>` added where a field taking them gets neither (for both).
+ */
+function pagedDocuments(schema: GraphQLSchema, document: DocumentNode, variables: Record<string, unknown>, limits: Limits):
+  { run: DocumentNode; estimate: DocumentNode; perRequest: boolean; tooLarge?: string } {
+  const defaults = new Map<string, unknown>();
+  for (const def of document.definitions) {
+    if (def.kind !== Kind.OPERATION_DEFINITION) continue;
+    for (const v of def.variableDefinitions ?? []) {
+      if (v.defaultValue?.kind === Kind.INT) defaults.set(v.variable.name.value, Number(v.defaultValue.value));
+    }
+  }
+  const valueOf = (node: ValueNode): number | null | undefined => {
+    if (node.kind === Kind.INT) return Number(node.value);
+    if (node.kind === Kind.NULL) return null;
+    if (node.kind === Kind.VARIABLE) {
+      const name = node.name.value;
+      const v = Object.hasOwn(variables, name) ? variables[name] : defaults.get(name);
+      return typeof v === "number" ? v : v === null || v === undefined ? null : undefined;
+    }
+    return undefined;
+  };
+  let tooLarge: string | undefined;
+  let perRequest = false;
+  const typeInfo = new TypeInfo(schema);
+  const rewrite = (forEstimate: boolean) => visit(document, visitWithTypeInfo(typeInfo, {
+    [Kind.FIELD]: {
+      enter(node: FieldNode) {
+        const def = typeInfo.getFieldDef();
+        if (!def || !def.args.some((a) => PAGE_ARGS.has(a.name))) return undefined;
+        const args: ArgumentNode[] = [];
+        let given = false;
+        for (const arg of node.arguments ?? []) {
+          if (!PAGE_ARGS.has(arg.name.value)) {
+            args.push(arg);
+            continue;
+          }
+          const n = valueOf(arg.value);
+          if (typeof n === "number" && n > limits.maxPageSize) {
+            tooLarge ??= `${arg.name.value} may be at most ${limits.maxPageSize} (got ${n}); ask for the next page with after: …`;
+          }
+          if (n === null) {
+            // A null page size (a variable left out) would return every row.
+            if (!forEstimate) perRequest = true;
+            continue;
+          }
+          given = true;
+          args.push(forEstimate && typeof n === "number" ? pageArgument(arg.name.value, n) : arg);
+        }
+        if (!given) args.push(pageArgument("first", limits.defaultPageSize));
+        if (!forEstimate && args.length === (node.arguments ?? []).length && args.every((a, i) => a === node.arguments![i])) return undefined;
+        return { ...node, arguments: args };
+      },
+    },
+  }));
+  const run = rewrite(false);
+  const estimate = rewrite(true);
+  return { run, estimate, perRequest, tooLarge };
+}
+
+/** Applies the page limits to one operation: the document to run, or the errors to answer with. */
+export function limitPages(schema: GraphQLSchema, document: DocumentNode, variables: Record<string, unknown> | null | undefined, limits: Limits,
+  cache: WeakMap<DocumentNode, DocumentNode>): { document: DocumentNode } | { errors: GraphQLError[] } {
+  const paged = pagedDocuments(schema, document, variables ?? {}, limits);
+  if (paged.tooLarge) return { errors: [new GraphQLError(paged.tooLarge, { extensions: { code: "page_too_large" } })] };
+  const errors = validate(schema, paged.estimate, [costRule(limits)]);
+  if (errors.length) return { errors: [...errors] };
+  if (paged.perRequest) return { document: paged.run };
+  // The same rewritten document for every request of this document, so plans are reused.
+  let run = cache.get(document);
+  if (!run) cache.set(document, (run = paged.run));
+  return { document: run };
 }
 
 /** The same rule, told by its context to leave "Did you mean …?" out of its errors. */
@@ -66,6 +160,7 @@ export function usesIntrospection(document: import("postgraphile/graphql").Docum
 
 export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: string }): GraphileConfig.Plugin {
   const { http } = opts;
+  const runDocuments = new WeakMap<DocumentNode, DocumentNode>();
   return {
     name: "SnapbaseHardeningPlugin",
     version: "1.0.0",
@@ -82,6 +177,9 @@ export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: st
       middleware: {
         execute(next, event) {
           const { args } = event;
+          const paged = limitPages(args.schema, args.document, args.variableValues as Record<string, unknown> | undefined, http.graphqlLimits, runDocuments);
+          if ("errors" in paged) return { errors: paged.errors };
+          args.document = paged.document;
           if (!http.publicIntrospection && (args.contextValue as Grafast.Context | undefined)?.pgSettings?.role === opts.anonymousRole &&
             usesIntrospection(args.document)) {
             return {

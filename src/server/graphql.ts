@@ -106,8 +106,11 @@ export function makePreset(opts: {
         if (ws) {
           const header = ws.normalizedConnectionParams?.authorization;
           const upgrade = ws.request as IncomingMessage | undefined;
+          const authorization = typeof header === "string" ? header : undefined;
           return {
-            pgSettings: await settingsForAuthorization(typeof header === "string" ? header : undefined, opts.auth),
+            pgSettings: await settingsForAuthorization(authorization, opts.auth),
+            // Subscriptions resolve the token again before each event (realtime-plugin.ts).
+            reauthorize: () => settingsForAuthorization(authorization, opts.auth),
             signIn: signInFrom(undefined, upgrade ? opts.clientAddress?.(upgrade) : undefined),
           };
         }

@@ -5,21 +5,52 @@
 // nothing about the topic's activity reaches them afterwards. Each event is then
 // refetched as the subscriber (snapbase.visible_event) and sent only when they may
 // see it (an agent sees nothing of a hidden table): never a null in its place.
-// Subscribers with the same role and claims share that refetch.
+// Subscribers with the same role and claims share that refetch. Before each event
+// the subscription's token is resolved again (as SSE streams do before each catch-up):
+// once its session is signed out or revoked, its API token revoked, its user disabled
+// or deleted, or its identity changed (a new role), the subscription ends with an
+// error (`session_ended`, `identity_changed`) and nothing more is sent.
 import type { WithPgClient } from "postgraphile/@dataplan/pg";
 import { context, type GrafastSubscriber, lambda, list, listen } from "postgraphile/grafast";
 import { extendSchema, gql } from "postgraphile/utils";
 import type { PgSettings } from "../auth/verify.ts";
 import { settingsIdentity } from "../db/request-client.ts";
+import { HttpError } from "./errors.ts";
 
 // How long an answer is kept for the other subscribers of the same identity: every
 // subscriber gets an event within moments of its NOTIFY.
 const SHARED_ANSWER_MS = 10_000;
 
 type Query = (settings: PgSettings, text: string, values: unknown[]) => Promise<unknown>;
+type Reauthorize = () => Promise<PgSettings>;
+
+declare global {
+  namespace Grafast {
+    interface Context {
+      /** Resolves the WebSocket connection's token again (its session may have ended since). */
+      reauthorize?: Reauthorize;
+    }
+  }
+}
+
+/** Raises unless the token the subscription was opened with still resolves to the same identity. */
+async function stillAuthorized(reauthorize: Reauthorize | undefined, settings: PgSettings): Promise<void> {
+  // A subscription without a way to check (no WebSocket context) is never trusted past its start.
+  if (!reauthorize) throw new HttpError(401, "session_ended", "this subscription cannot be re-checked; subscribe again");
+  let now: PgSettings;
+  try {
+    now = await reauthorize();
+  } catch {
+    throw new HttpError(401, "session_ended",
+      "the subscription's session or token has ended (signed out, revoked or expired, or the user was disabled or deleted); sign in and subscribe again");
+  }
+  if (settingsIdentity(now) !== settingsIdentity(settings)) {
+    throw new HttpError(401, "identity_changed", "the subscription's user, role or token changed since it started; subscribe again");
+  }
+}
 
 /** Yields the events of `source` (NOTIFY payloads) that `visible` returns, skipping the rest. */
-function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Promise<unknown>): AsyncIterableIterator<unknown> {
+function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Promise<unknown>, authorized: () => Promise<void>): AsyncIterableIterator<unknown> {
   const done = { done: true as const, value: undefined };
   const iterator: AsyncIterableIterator<unknown> = {
     async next() {
@@ -33,6 +64,12 @@ function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Pr
           continue; // not an event of ours
         }
         if (typeof id !== "number" || !Number.isSafeInteger(id) || id <= 0) continue;
+        try {
+          await authorized();
+        } catch (error) {
+          await source.return?.();
+          throw error;
+        }
         const event = await visible(id);
         if (event !== null && event !== undefined) return { done: false, value: event };
       }
@@ -68,7 +105,7 @@ export const RealtimePlugin = extendSchema(() => {
   }
 
   /** The subscriber's view of pgSubscriber: the topic checked first, then only the events it may see. */
-  function subscriberFor(pgSubscriber: GrafastSubscriber, withPgClient: WithPgClient, settings: PgSettings): GrafastSubscriber {
+  function subscriberFor(pgSubscriber: GrafastSubscriber, withPgClient: WithPgClient, settings: PgSettings, reauthorize: Reauthorize | undefined): GrafastSubscriber {
     const query: Query = (s, text, values) =>
       withPgClient(s, async (client) => (await client.query<{ e: unknown }>({ text, values })).rows[0]?.e ?? null);
     return {
@@ -82,7 +119,7 @@ export const RealtimePlugin = extendSchema(() => {
           await source.return?.();
           throw error;
         }
-        return visibleOnly(source, (id) => visibleEvent(query, settings, id));
+        return visibleOnly(source, (id) => visibleEvent(query, settings, id), () => stillAuthorized(reauthorize, settings));
       },
     };
   }
@@ -107,9 +144,11 @@ export const RealtimePlugin = extendSchema(() => {
             subscribePlan(_$root, fieldArgs) {
               const $context = context();
               const $subscriber = lambda(
-                list([$context.get("pgSubscriber"), $context.get("withPgClient"), $context.get("pgSettings")]),
-                ([pgSubscriber, withPgClient, settings]) =>
-                  pgSubscriber ? subscriberFor(pgSubscriber as GrafastSubscriber, withPgClient as WithPgClient, (settings ?? {}) as PgSettings) : null,
+                list([$context.get("pgSubscriber"), $context.get("withPgClient"), $context.get("pgSettings"), $context.get("reauthorize")]),
+                ([pgSubscriber, withPgClient, settings, reauthorize]) =>
+                  pgSubscriber
+                    ? subscriberFor(pgSubscriber as GrafastSubscriber, withPgClient as WithPgClient, (settings ?? {}) as PgSettings, reauthorize as Reauthorize | undefined)
+                    : null,
               );
               return listen($subscriber, lambda(fieldArgs.getRaw("topic"), (topic) => String(topic)));
             },
