@@ -12,7 +12,7 @@ import { databaseName } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { PREVIEW_CELL_CHARS } from "../src/server/cap.ts";
 import { startWorker } from "../src/worker.ts";
-import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphql, http, logged, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 // Lost connections are the point here: their (expected) errors are not logged.
 
@@ -261,13 +261,65 @@ describe("clients that hang up", () => {
     await expectServing(small.url);
   });
 
+  /** Starts requests that wait for a lock the test holds, lets `waiting` of them reach the lock, then has every client hang up:
+   *  each query is cancelled and each connection released while the lock is still held. */
+  async function hangUpWhileLocked(tables: string[], sends: ((signal: AbortSignal) => Promise<Response>)[], waiting: number, before?: () => Promise<void>): Promise<void> {
+    const holder = await locker();
+    await holder.query(`begin; ${tables.map((t) => `lock table ${t} in access exclusive mode`).join("; ")}`);
+    const aborts: AbortController[] = [];
+    try {
+      await before?.();
+      const requests = sends.map((send) => {
+        const controller = new AbortController();
+        aborts.push(controller);
+        return send(controller.signal).then(() => "answered", () => "aborted");
+      });
+      await waitFor(`${waiting} requests to wait for the lock`, async () => (await authenticatorBackends("wait_event_type = 'Lock'")) >= waiting);
+      for (const a of aborts) a.abort();
+      expect(await Promise.all(requests)).toEqual(Array(sends.length).fill("aborted"));
+      await waitFor("the waiting queries to be cancelled", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) === 0);
+      await waitFor("every connection to be released", async () => small.pools.authenticator.activeCount === 0);
+    } finally {
+      for (const a of aborts) a.abort();
+      await holder.query("rollback");
+      await holder.end();
+    }
+  }
+
+  const gql = (query: string, token: string) => (signal: AbortSignal) =>
+    fetch(`${small.url}/graphql`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${token}` }, body: JSON.stringify({ query }), signal });
+
+  it("GraphQL: queries and a mutation whose clients hang up are cancelled, never left waiting or applied later", async () => {
+    const change = await submitChange(`update ${SCHEMA}.items set label = 'never' where id = 4`);
+    const reject = gql(`mutation { rejectChange(input: { changeId: "${change}", reason: "gone" }) { result { status } } }`, adminToken);
+    const list = gql("{ allChangeRequests(first: 1) { nodes { rowId } } }", editorToken);
+    // The mutation first (so it surely reaches the lock), then more queries than the pool has connections.
+    await hangUpWhileLocked(["snapbase.change_requests"], [reject, ...Array.from({ length: POOL + 2 }, () => list)], POOL);
+    // Cancelled while the lock was held: the rejection was rolled back, not applied once the lock went.
+    expect((await owner().query("select status from snapbase.change_requests where id = $1", [change])).rows[0].status).toBe("pending");
+    await expectServing(small.url);
+  });
+
+  it("sign-in and the token check of a client that hangs up are cancelled (REST and GraphQL)", async () => {
+    const signIn = (signal: AbortSignal) => fetch(`${small.url}/api/v1/auth/login`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ email: editor.email, password: TEST_PASSWORD }), signal });
+    const rest = (signal: AbortSignal) => fetch(`${small.url}/api/v1/changes?status=pending`, { headers: { authorization: `Bearer ${editorToken}` }, signal });
+    await hangUpWhileLocked(["snapbase_private.sessions"], [signIn, rest, gql("{ currentAppRole }", editorToken)], 3);
+    await expectServing(small.url);
+  });
+
   it("shutdown with a request in flight and an open event stream ends within its drain time and stops what is left", async () => {
     const doomed = await startTestServer({ authenticatorPoolSize: POOL });
     await expectServing(doomed.url);
     const holder = await locker();
-    await holder.query("begin; lock table snapbase.snapshots in access exclusive mode");
+    await holder.query("begin; lock table snapbase.snapshots, snapbase.change_requests in access exclusive mode");
+    const logFrom = logged.length;
     try {
       const stuck = fetch(doomed.url + `/api/v1/snapshots/${snapshotId}`, { headers: { authorization: `Bearer ${adminToken}` } }).then((r) => r.status, () => "cut off");
+      const stuckGraphql = fetch(`${doomed.url}/graphql`, {
+        method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${editorToken}` },
+        body: JSON.stringify({ query: "{ allChangeRequests(first: 1) { nodes { rowId } } }" }),
+      }).then((r) => r.status, () => "cut off");
       const stream = await fetch(`${doomed.url}/api/v1/changes/events`, { headers: { authorization: `Bearer ${adminToken}` } });
       const streamEnded = (async () => {
         try {
@@ -277,10 +329,13 @@ describe("clients that hang up", () => {
         }
         return true;
       })();
-      await waitFor("the request to wait for the lock", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) >= 1);
+      await waitFor("the requests to wait for the lock", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) >= 2);
       await doomed.close({ drainMs: 500 });
       expect(await stuck).toBe("cut off");
+      expect(await stuckGraphql).toBe("cut off");
       expect(await streamEnded).toBe(true);
+      // Stopped at the end of the drain like a client that hung up, not only by the pool's last resort.
+      expect(logged.slice(logFrom).filter((line) => line.includes("closing database connections still in use"))).toEqual([]);
       // Its query was cancelled while the lock was still held: nothing waits any more.
       await waitFor("the stopped request's query to end", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) === 0);
     } finally {
