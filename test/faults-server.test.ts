@@ -427,6 +427,25 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     expect((await owner().query("select count(*)::int as n from snapbase.change_requests where reason like '%' || chr(65533) || '%'")).rows[0].n).toBe(0);
   });
 
+  it("JSON or GraphQL text nested thousands of levels deep is 400 with the error shape, not a stack overflow", async () => {
+    const deep = (n: number) => "[".repeat(n) + "]".repeat(n);
+    const rest = await post("/api/v1/changes", `{"table_name": "${SCHEMA}.items", "sql": "select 1", "reason": ${deep(2000)}}`, "application/json");
+    expect(rest).toEqual({ status: 400, body: { error: { code: "json_too_deep", message: expect.stringMatching(/512/) } } });
+    // A JSON value in a deep object, with brackets inside strings that do not count.
+    const objects = `{"a":`.repeat(2000) + `"[[[{{{"` + "}".repeat(2000);
+    expect((await post("/api/v1/changes", objects, "application/json")).body.error.code).toBe("json_too_deep");
+    // Within the limit it is only an ordinary bad request.
+    expect((await post("/api/v1/changes", `{"table_name": 1, "x": ${deep(500)}}`, "application/json")).body.error.code).not.toBe("json_too_deep");
+
+    const variables = await post("/graphql", `{"query": "{ currentAppRole }", "variables": {"a": ${deep(2000)}}}`, "application/json");
+    expect(variables).toEqual({ status: 400, body: { errors: [{ message: expect.stringMatching(/512/), extensions: { code: "json_too_deep" } }] } });
+    const literal = await post("/graphql", JSON.stringify({ query: `{ resolveManagedTable(name: ${deep(3000)}) { id } }` }), "application/json");
+    expect(literal).toEqual({ status: 400, body: { errors: [{ message: expect.stringMatching(/512/), extensions: { code: "query_too_deep" } }] } });
+    // Brackets inside strings and comments are text, not nesting.
+    const quoted = await post("/graphql", JSON.stringify({ query: `# ${"[".repeat(3000)}\n{ resolveManagedTable(name: "${"[".repeat(3000)}") { id } }` }), "application/json");
+    expect(quoted.body.errors?.[0]?.extensions?.code).not.toBe("query_too_deep");
+  });
+
   it("a body of the wrong type is 415, not a misleading 400", async () => {
     const text = await post("/api/v1/changes", `table_name=${SCHEMA}.items`, "text/plain");
     expect(text).toEqual({ status: 415, body: { error: { code: "unsupported_media_type", message: expect.stringMatching(/JSON/) } } });

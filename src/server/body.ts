@@ -21,6 +21,29 @@ export function assertUtf8(bytes: Uint8Array, what: string): string {
   }
 }
 
+/** How deeply JSON bodies and GraphQL documents may nest (arrays, objects; GraphQL's
+ *  braces, brackets and parentheses). Deeper text is refused before it is parsed, so
+ *  no recursive walk (parser, reviver, checks) can run out of stack. */
+export const MAX_NESTING = 512;
+
+/** Refuses JSON nested deeper than MAX_NESTING; a single pass over the bytes, strings skipped. */
+export function assertJsonDepth(bytes: Uint8Array, what: string): void {
+  let depth = 0;
+  let inString = false;
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i];
+    if (inString) {
+      if (b === 0x5c) i++; // a backslash escapes the next byte
+      else if (b === 0x22) inString = false;
+    } else if (b === 0x22) inString = true;
+    else if (b === 0x5b || b === 0x7b) {
+      if (++depth > MAX_NESTING) {
+        throw Object.assign(new HttpError(400, "json_too_deep", `${what} nests arrays and objects more than ${MAX_NESTING} levels deep`), { type: "entity.verify.failed" });
+      }
+    } else if (b === 0x5d || b === 0x7d) depth--;
+  }
+}
+
 const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
 const wellFormed = (text: string): boolean => !LONE_SURROGATE.test(text);
 
@@ -48,7 +71,10 @@ export function jsonBody(opts: { limit: string; only?: boolean; otherTypes?: Reg
     limit: opts.limit,
     reviver: opts.reviver,
     type: JSON_TYPES,
-    verify: (_req, _res, buf) => void assertUtf8(buf, "the JSON body"),
+    verify: (_req, _res, buf) => {
+      assertUtf8(buf, "the JSON body");
+      assertJsonDepth(buf, "the JSON body");
+    },
   });
   return (req: Request, res: Response, next: NextFunction): void => {
     if (opts.only && hasBody(req) && !req.is(JSON_TYPES) && !opts.otherTypes?.test(req.path)) {

@@ -11,7 +11,9 @@ import { costLimitRule } from "@escape.tech/graphql-armor-cost-limit";
 import { maxAliasesRule } from "@escape.tech/graphql-armor-max-aliases";
 import { maxDepthRule } from "@escape.tech/graphql-armor-max-depth";
 import { GraphQLError, Kind, visit, type ValidationContext, type ValidationRule } from "postgraphile/graphql";
+import { SafeError } from "postgraphile/grafast";
 import type { HttpOptions } from "../config.ts";
+import { MAX_NESTING } from "./body.ts";
 
 type Limits = HttpOptions["graphqlLimits"];
 
@@ -64,6 +66,42 @@ export function usesIntrospection(document: import("postgraphile/graphql").Docum
   return found;
 }
 
+/** How deeply a GraphQL document nests braces, brackets and parentheses (strings,
+ *  block strings and comments skipped), counted without recursion: graphql-js'
+ *  recursive parser overflows the stack on a list literal a few thousand deep. */
+export function nestingDepth(text: string, limit: number): number {
+  let depth = 0;
+  let max = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x23) {
+      // # comment, to the end of the line
+      while (i < text.length && text.charCodeAt(i) !== 0x0a && text.charCodeAt(i) !== 0x0d) i++;
+    } else if (c === 0x22) {
+      if (text.startsWith('"""', i)) {
+        // block string: ends at """ not preceded by a backslash
+        i += 3;
+        while (i < text.length && !text.startsWith('"""', i)) i += text.startsWith('\\"""', i) ? 4 : 1;
+        i += 2;
+      } else {
+        i++;
+        while (i < text.length && text.charCodeAt(i) !== 0x22 && text.charCodeAt(i) !== 0x0a) i += text.charCodeAt(i) === 0x5c ? 2 : 1;
+      }
+    } else if (c === 0x7b || c === 0x5b || c === 0x28) {
+      if (++depth > max) max = depth;
+      if (max > limit) return max;
+    } else if (c === 0x7d || c === 0x5d || c === 0x29) depth--;
+  }
+  return max;
+}
+
+/** A refusal grafserv answers itself, before parsing (HTTP status 400; the status stays out of the JSON). */
+function refusal(message: string, code: string): SafeError {
+  const extensions: Record<string, unknown> = { code };
+  Object.defineProperty(extensions, "statusCode", { value: 400, enumerable: false });
+  return new SafeError(message, extensions);
+}
+
 export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: string }): GraphileConfig.Plugin {
   const { http } = opts;
   return {
@@ -71,6 +109,13 @@ export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: st
     version: "1.0.0",
     grafserv: {
       middleware: {
+        processGraphQLRequestBody(next, event) {
+          const query = (event.body as { query?: unknown }).query;
+          if (typeof query === "string" && nestingDepth(query, MAX_NESTING) > MAX_NESTING) {
+            throw refusal(`the GraphQL document nests braces, brackets and parentheses more than ${MAX_NESTING} levels deep`, "query_too_deep");
+          }
+          return next();
+        },
         setPreset(next, event) {
           const rules = [...event.validationRules, ...limitRules(http.graphqlLimits)];
           event.validationRules.splice(0, event.validationRules.length, ...(http.suggestions ? rules : rules.map(withoutSuggestions)));
