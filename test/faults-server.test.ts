@@ -446,6 +446,24 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     expect(quoted.body.errors?.[0]?.extensions?.code).not.toBe("query_too_deep");
   });
 
+  it("a query string that is not valid percent-encoded UTF-8 is 400, never stored with U+FFFD or its escapes as text", async () => {
+    const count = async () => Number((await owner().query("select count(*) from snapbase.csv_files")).rows[0].count);
+    const before = await count();
+    for (const name of ["a%ffb", "a%zb", "a%e", "caf%C3"]) {
+      const res = await post(`/api/v1/csv-files?name=${name}`, "id\n1\n", "text/csv");
+      expect(res, name).toEqual({ status: 400, body: { error: { code: "invalid_query", message: expect.stringMatching(/percent-encoded UTF-8/) } } });
+    }
+    expect(await count()).toBe(before);
+    // GraphQL and every other route alike.
+    const gql = await fetch(`${server.url}/graphql?x=%ff`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${editorToken}` }, body: JSON.stringify({ query: "{ currentAppRole }" }) });
+    expect(gql.status).toBe(400);
+    expect((await gql.json()).errors[0].extensions.code).toBe("invalid_query");
+    // Valid escapes and '+' still read as they always did.
+    const ok = await post(`/api/v1/csv-files?name=caf%C3%A9+${RUN}.csv`, "id\n1\n", "text/csv");
+    expect(ok.status, JSON.stringify(ok.body)).toBe(201);
+    expect(ok.body.file.name).toBe(`café ${RUN}.csv`);
+  });
+
   it("a body of the wrong type is 415, not a misleading 400", async () => {
     const text = await post("/api/v1/changes", `table_name=${SCHEMA}.items`, "text/plain");
     expect(text).toEqual({ status: 415, body: { error: { code: "unsupported_media_type", message: expect.stringMatching(/JSON/) } } });

@@ -25,6 +25,7 @@ import { exactJsonBody, restJsonTypes } from "../rest/json.ts";
 import { EventHub } from "../realtime/hub.ts";
 import { jsonBody } from "./body.ts";
 import { HttpError, toClientError } from "./errors.ts";
+import { parseQueryStrict } from "./query.ts";
 import { cspNonces, httpPgSettings, makePreset, throttledRequests } from "./graphql.ts";
 
 export interface ServerOptions {
@@ -305,9 +306,20 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     next();
   });
   app.set("trust proxy", http.trustProxy);
+  // Query strings decoded strictly (bad escapes and bytes that are not UTF-8 are 400), and
+  // read at once, so every route (GraphQL's too) refuses them before doing anything.
+  app.set("query parser", parseQueryStrict);
   const clientAddress = clientAddressFn(app);
   app.use(requestLog);
   app.use(abortOnHangUp(stopped.signal));
+  app.use((req, _res, next) => {
+    try {
+      void req.query;
+    } catch (error) {
+      return next(error);
+    }
+    next();
+  });
   app.use(securityHeaders());
   if (http.corsOrigins.length > 0) {
     app.use(cors({
