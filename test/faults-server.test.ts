@@ -464,6 +464,33 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     expect(ok.body.file.name).toBe(`café ${RUN}.csv`);
   });
 
+  it("a CSV body in another charset or with a Content-Encoding is 415 on both CSV endpoints, never read as something else", async () => {
+    const wb = (await graphql(server.url, `mutation { createWorkbook(input: { name: "Charsets" }) { result { rowId } } }`, {}, editorToken)).body.data.createWorkbook.result.rowId;
+    const table = (await graphql(server.url, `mutation($w: BigInt!) { addWorkbookTable(input: { workbookId: $w, name: "T", columns: [{name: "id", type: "integer"}, {name: "note", type: "text"}] }) { result { rowId } } }`,
+      { w: wb }, editorToken)).body.data.addWorkbookTable.result.rowId;
+    const imports = async () => Number((await owner().query("select count(*) from snapbase.csv_imports")).rows[0].count);
+    const files = async () => Number((await owner().query("select count(*) from snapbase.csv_files")).rows[0].count);
+    const before = [await imports(), await files()];
+    // "é" in UTF-8, declared as Latin-1 (where the same bytes are "Ã©").
+    const csv = Buffer.concat([Buffer.from("id,note\n1,caf"), Buffer.from([0xc3, 0xa9]), Buffer.from("\n")]);
+    const send = (path: string, headers: Record<string, string>) => fetch(server.url + path, {
+      method: "POST", headers: { authorization: `Bearer ${editorToken}`, ...headers }, body: csv,
+    }).then(async (r) => ({ status: r.status, body: await r.json().catch(() => null) }));
+    for (const path of [`/api/v1/workbook-tables/${table}/imports`, `/api/v1/csv-files?name=enc-${RUN}.csv`]) {
+      expect(await send(path, { "content-type": "text/csv; charset=iso-8859-1" }), path)
+        .toEqual({ status: 415, body: { error: { code: "unsupported_charset", message: expect.stringMatching(/UTF-8/) } } });
+      for (const encoding of ["gzip", "br", "x-unknown"]) {
+        expect(await send(path, { "content-type": "text/csv", "content-encoding": encoding }), `${path} ${encoding}`)
+          .toEqual({ status: 415, body: { error: { code: "unsupported_content_encoding", message: expect.stringMatching(/identity/) } } });
+      }
+    }
+    expect([await imports(), await files()]).toEqual(before);
+    // As UTF-8 (declared or not, or with Content-Encoding: identity) it is what it says.
+    const ok = await send(`/api/v1/workbook-tables/${table}/imports`, { "content-type": "text/csv; charset=utf-8", "content-encoding": "identity" });
+    expect(ok.status, JSON.stringify(ok.body)).toBe(201);
+    expect(ok.body.preview.sample[0].cells[1]).toBe("café");
+  });
+
   it("a body of the wrong type is 415, not a misleading 400", async () => {
     const text = await post("/api/v1/changes", `table_name=${SCHEMA}.items`, "text/plain");
     expect(text).toEqual({ status: 415, body: { error: { code: "unsupported_media_type", message: expect.stringMatching(/JSON/) } } });

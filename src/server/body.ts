@@ -21,6 +21,25 @@ export function assertUtf8(bytes: Uint8Array, what: string): string {
   }
 }
 
+/** The charset a Content-Type declares, if any. */
+const declaredCharset = (req: Request): string | undefined => /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1];
+
+/**
+ * The one check of a CSV upload's headers (csv-files and imports): the file must be
+ * UTF-8 (a declared charset other than UTF-8 is 415: its bytes would mean other
+ * text) and sent as is (a Content-Encoding other than identity is 415).
+ */
+export function assertPlainUtf8Csv(req: Request): void {
+  const encoding = (req.headers["content-encoding"] ?? "identity").trim().toLowerCase();
+  if (encoding !== "identity" && encoding !== "") {
+    throw new HttpError(415, "unsupported_content_encoding", `send the CSV file uncompressed (content-encoding: identity, not ${JSON.stringify(encoding)})`);
+  }
+  const charset = declaredCharset(req);
+  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
+    throw new HttpError(415, "unsupported_charset", `send the CSV file as UTF-8 (got charset ${JSON.stringify(charset)})`);
+  }
+}
+
 /** How deeply JSON bodies and GraphQL documents may nest (arrays, objects; GraphQL's
  *  braces, brackets and parentheses). Deeper text is refused before it is parsed, so
  *  no recursive walk (parser, reviver, checks) can run out of stack. */
@@ -81,7 +100,7 @@ export function jsonBody(opts: { limit: string; only?: boolean; otherTypes?: Reg
       next(new HttpError(415, "unsupported_media_type", `send the body as JSON (content-type: application/json), not ${req.headers["content-type"] ?? "without a content-type"}`));
       return;
     }
-    const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1];
+    const charset = declaredCharset(req);
     if (charset !== undefined && req.is(JSON_TYPES) && !/^utf-?8$/i.test(charset)) {
       next(new HttpError(415, "unsupported_charset", `JSON must be sent as UTF-8 (got charset ${JSON.stringify(charset)})`));
       return;
