@@ -5,8 +5,10 @@
 // a pooled connection.
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { createClient } from "graphql-ws";
 import pg from "pg";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import WebSocket from "ws";
 import { projectRoot } from "../src/db/migrate.ts";
 import { databaseName } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
@@ -127,6 +129,31 @@ describe("a database backend dying mid-request", () => {
     const approved = await http(server.url, "POST", `/api/v1/changes/${change}/approve`, { token: adminToken });
     expect(approved.status).toBe(200);
     expect(approved.body.change_request.status).toBe("approved");
+  });
+
+  it("a GraphQL subscription whose LISTEN connection is lost ends with database_unavailable, not an internal error", async () => {
+    const client = createClient({ url: server.url.replace(/^http/, "ws") + "/graphql", webSocketImpl: WebSocket, connectionParams: { authorization: `Bearer ${editorToken}` } });
+    const received: { code?: unknown; message: string }[] = [];
+    const logFrom = logged.length;
+    // @dataplan/pg reports the lost LISTEN connection on the console itself; kept off the test output.
+    const consoleError = vi.spyOn(console, "error").mockImplementation(() => {});
+    try {
+      client.subscribe({ query: 'subscription { events(topic: "changes") }' }, {
+        next: (msg) => void (msg.errors ?? []).forEach((e) => received.push({ code: e.extensions?.code, message: e.message })),
+        error: (e) => void (Array.isArray(e) ? e : [e]).forEach((x: any) => received.push({ code: x?.extensions?.code, message: String(x?.message ?? x) })),
+        complete: () => {},
+      });
+      const listener = await waitFor("the subscription's LISTEN", () => root(async (c) => (await c.query(
+        `select pid from pg_stat_activity where datname = $1 and usename = $2 and query ilike 'listen%snapbase_events:changes%'`, [DATABASE, db.roles.authenticator])).rows[0]?.pid));
+      await root((c) => c.query("select pg_terminate_backend($1)", [listener]));
+      await waitFor("the subscription to end with an error", async () => received.length > 0);
+      expect(received[0]).toEqual({ code: "database_unavailable", message: expect.stringMatching(/database is unavailable/) });
+      expect(logged.slice(logFrom).filter((line) => line.includes('"level":"error"'))).toEqual([]);
+    } finally {
+      consoleError.mockRestore();
+      await client.dispose();
+    }
+    await expectServing(server.url);
   });
 
   it("every backend of the database terminated while it refuses connections (a restart): 503s, /readyz red then green, everything back without a restart", async () => {

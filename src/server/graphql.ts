@@ -13,7 +13,7 @@ import { developmentHttpOptions, type HttpOptions } from "../config.ts";
 import { RequestAbortedError, withAbortableClient } from "../db/request-client.ts";
 import { log } from "../log.ts";
 import { makeAuthPlugin } from "./auth-plugin.ts";
-import { toClientError } from "./errors.ts";
+import { DATABASE_UNAVAILABLE, toClientError } from "./errors.ts";
 import { installExactJsonCodecs } from "./exact-json.ts";
 import { makeHardeningPlugin, stripSuggestions } from "./graphql-hardening.ts";
 import { PreviewCapPlugin } from "./cap.ts";
@@ -76,6 +76,10 @@ function socketSignal(socket: WebSocket | undefined, stopped: AbortSignal): Abor
   return signal;
 }
 
+/** How @dataplan/pg's PgSubscriber ends subscriptions when its LISTEN connection is lost. */
+const isPubsubInterrupted = (error: unknown): boolean =>
+  error instanceof Error && error.message.startsWith("Underlying pubsub channel interrupted");
+
 function makeMaskError(http: HttpOptions) {
   const trim = (error: GraphQLError): GraphQLError =>
     http.suggestions || !/Did you mean/.test(error.message)
@@ -84,6 +88,12 @@ function makeMaskError(http: HttpOptions) {
   return function maskError(error: GraphQLError): GraphQLError {
     const original = error.originalError;
     if (!original || original instanceof GraphQLError) return trim(error);
+    if (isPubsubInterrupted(original)) {
+      // The LISTEN connection was lost (restart, failover, terminated backend): @dataplan/pg ends
+      // every subscription rather than risk a missed event. Clients subscribe again and catch up.
+      log.warn("GraphQL subscription ended: its LISTEN connection was lost", { path: error.path });
+      return new GraphQLError(DATABASE_UNAVAILABLE.message, { nodes: error.nodes, path: error.path, extensions: { code: DATABASE_UNAVAILABLE.code } });
+    }
     if (original instanceof RequestAbortedError) {
       // Nobody is left to read it (the client hung up, or shutdown stopped the request).
       log.info("request aborted", { path: error.path });
