@@ -550,6 +550,26 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     expect(gql.body.data.csvImportPreview.sample[0].cells[1]).toBe(cell);
   });
 
+  it("GraphQL BigInt arguments are read as strictly as REST ids: no spaces, signs or leading zeros, within bigint", async () => {
+    const query = "query($id: BigInt!) { snapshotRows(snapshotId: $id, first: 1) { nodes { ordinal } } }";
+    for (const bad of [" 1", "+1", "1 ", "01", "1e3", "0x1", "9223372036854775808", "", 1.5]) {
+      const variable = await graphql(server.url, query, { id: bad }, adminToken);
+      expect(variable.body.errors?.[0]?.extensions?.code, JSON.stringify(bad)).toBe("invalid_bigint");
+      expect(variable.body.data ?? null).toBe(null);
+    }
+    for (const bad of [" 1", "+1"]) {
+      const literal = await graphql(server.url, `{ snapshotRows(snapshotId: ${JSON.stringify(bad)}, first: 1) { nodes { ordinal } } }`, {}, adminToken);
+      expect(literal.status, JSON.stringify(literal.body)).toBe(400);
+      expect(literal.body.errors?.[0]?.extensions?.code).toBe("invalid_bigint");
+    }
+    // Canonical integers, as strings or JSON numbers, are read as always.
+    for (const good of [snapshotId, Number(snapshotId)]) {
+      const ok = await graphql(server.url, query, { id: good }, adminToken);
+      expect(ok.body.errors, JSON.stringify(good)).toBeUndefined();
+      expect(ok.body.data.snapshotRows.nodes).toHaveLength(1);
+    }
+  });
+
   it("the largest bigint is an id like any other; one past it is refused", async () => {
     const max = await http(server.url, "GET", "/api/v1/snapshots/9223372036854775807", { token: adminToken });
     expect(max.status).toBe(404);

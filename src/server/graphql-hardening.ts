@@ -13,6 +13,8 @@ import { maxDepthRule } from "@escape.tech/graphql-armor-max-depth";
 import { GraphQLError, Kind, visit, type ValidationContext, type ValidationRule } from "postgraphile/graphql";
 import { SafeError } from "postgraphile/grafast";
 import type { HttpOptions } from "../config.ts";
+import { ExactNumber } from "../exact-json.ts";
+import { isCanonicalBigint } from "../rest/params.ts";
 import { MAX_NESTING } from "./body.ts";
 
 type Limits = HttpOptions["graphqlLimits"];
@@ -95,6 +97,22 @@ export function nestingDepth(text: string, limit: number): number {
   return max;
 }
 
+const invalidBigint = (shown: string) =>
+  new GraphQLError(`a BigInt must be an integer from -9223372036854775808 to 9223372036854775807 written with digits only (no spaces, "+" or leading zeros); got ${shown.slice(0, 50)}`, {
+    extensions: { code: "invalid_bigint" },
+  });
+
+/** A BigInt input as the canonical text REST ids use (isCanonicalBigint): a string, a JSON
+ *  integer, or a wide JSON integer kept exact (ExactNumber). */
+export function parseBigintInput(value: unknown): string {
+  const text = typeof value === "string" ? value
+    : typeof value === "number" && Number.isSafeInteger(value) ? String(value)
+    : value instanceof ExactNumber ? value.text
+    : undefined;
+  if (text === undefined || !isCanonicalBigint(text)) throw invalidBigint(typeof value === "string" ? JSON.stringify(value) : String(value));
+  return text;
+}
+
 /** A refusal grafserv answers itself, before parsing (HTTP status 400; the status stays out of the JSON). */
 function refusal(message: string, code: string): SafeError {
   const extensions: Record<string, unknown> = { code };
@@ -120,6 +138,23 @@ export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: st
           const rules = [...event.validationRules, ...limitRules(http.graphqlLimits)];
           event.validationRules.splice(0, event.validationRules.length, ...(http.suggestions ? rules : rules.map(withoutSuggestions)));
           return next();
+        },
+      },
+    },
+    schema: {
+      hooks: {
+        // BigInt arguments: PostgreSQL's int8 input would take " 1" and "+1"; REST refuses them, and so does GraphQL.
+        GraphQLScalarType(config, build) {
+          if (config.name !== build.inflection.builtin("BigInt")) return config;
+          return {
+            ...config,
+            parseValue: parseBigintInput,
+            parseLiteral(ast) {
+              // (As before: a literal BigInt is a string, "5", not 5.)
+              if (ast.kind === Kind.STRING) return parseBigintInput(ast.value);
+              throw invalidBigint(`a literal of kind ${ast.kind} (write it as a string)`);
+            },
+          };
         },
       },
     },
