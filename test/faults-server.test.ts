@@ -518,6 +518,26 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     expect(ok.body.preview.sample[0].cells[1]).toBe("café");
   });
 
+  it("a JSON body with a key twice in one object is 400, not read as its last value", async () => {
+    const count = async () => Number((await owner().query("select count(*) from snapbase.change_requests")).rows[0].count);
+    const before = await count();
+    const change = (extra: string) => `{"table_name": "${SCHEMA}.items", "sql": "update ${SCHEMA}.items set label = 'x' where id = 5", "reason": "dup"${extra}}`;
+    for (const body of [
+      change(`, "sql": "update ${SCHEMA}.items set label = 'y' where id = 6"`),
+      change(`, "\\u0073ql": "select 1"`), // the same key, escaped
+      change(`, "edits": {"k": 1, "k": 2}`),
+    ]) {
+      const res = await post("/api/v1/changes", body, "application/json");
+      expect(res, body).toEqual({ status: 400, body: { error: { code: "duplicate_key", message: expect.stringMatching(/twice/) } } });
+    }
+    expect(await count()).toBe(before);
+    const gql = await post("/graphql", `{"query": "{ currentAppRole }", "query": "{ currentUserId }"}`, "application/json");
+    expect(gql).toEqual({ status: 400, body: { errors: [{ message: expect.stringMatching(/"query"/), extensions: { code: "duplicate_key" } }] } });
+    // The same key in different objects, and keys that only look alike, are fine.
+    const fine = await post("/graphql", `{"query": "{ currentAppRole }", "variables": {"a": [{"k": 1}, {"k": 2}], "b": {"k": {"k": 1}}, "K": 1, "k\\"": 2, "k": 3}}`, "application/json");
+    expect(fine).toEqual({ status: 200, body: { data: { currentAppRole: "editor" } } });
+  });
+
   it("a body of the wrong type is 415, not a misleading 400", async () => {
     const text = await post("/api/v1/changes", `table_name=${SCHEMA}.items`, "text/plain");
     expect(text).toEqual({ status: 415, body: { error: { code: "unsupported_media_type", message: expect.stringMatching(/JSON/) } } });

@@ -45,21 +45,55 @@ export function assertPlainUtf8Csv(req: Request): void {
  *  no recursive walk (parser, reviver, checks) can run out of stack. */
 export const MAX_NESTING = 512;
 
-/** Refuses JSON nested deeper than MAX_NESTING; a single pass over the bytes, strings skipped. */
-export function assertJsonDepth(bytes: Uint8Array, what: string): void {
-  let depth = 0;
-  let inString = false;
+/**
+ * What JSON.parse cannot be asked to refuse, in one pass over the bytes: nesting
+ * deeper than MAX_NESTING (400 json_too_deep), and a key twice in one object (400
+ * duplicate_key; JSON.parse would keep the last value silently). Text that is not
+ * JSON at all is left to the parser to report.
+ */
+export function assertJsonShape(bytes: Uint8Array, what: string): void {
+  // One frame per open array (null) or object (its keys so far).
+  const text = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
+  const frames: (Set<string> | null)[] = [];
+  let expectKey = false;
   for (let i = 0; i < bytes.length; i++) {
     const b = bytes[i];
-    if (inString) {
-      if (b === 0x5c) i++; // a backslash escapes the next byte
-      else if (b === 0x22) inString = false;
-    } else if (b === 0x22) inString = true;
-    else if (b === 0x5b || b === 0x7b) {
-      if (++depth > MAX_NESTING) {
+    if (b === 0x22) {
+      const start = i;
+      let escaped = false;
+      for (i++; i < bytes.length && bytes[i] !== 0x22; i++) {
+        if (bytes[i] === 0x5c) {
+          escaped = true;
+          i++; // a backslash escapes the next byte
+        }
+      }
+      const keys = frames.at(-1);
+      if (expectKey && keys) {
+        expectKey = false;
+        let key: string;
+        try {
+          // (Most keys have no escapes: their bytes are the key.)
+          key = escaped ? (JSON.parse(text.toString("utf8", start, i + 1)) as string) : text.toString("utf8", start + 1, i);
+        } catch {
+          continue; // not JSON: the parser says so
+        }
+        if (keys.has(key)) {
+          throw Object.assign(new HttpError(400, "duplicate_key", `${what} has the key ${JSON.stringify(key.slice(0, 50))} twice in one object`), { type: "entity.verify.failed" });
+        }
+        keys.add(key);
+      }
+    } else if (b === 0x5b || b === 0x7b) {
+      frames.push(b === 0x7b ? new Set() : null);
+      expectKey = b === 0x7b;
+      if (frames.length > MAX_NESTING) {
         throw Object.assign(new HttpError(400, "json_too_deep", `${what} nests arrays and objects more than ${MAX_NESTING} levels deep`), { type: "entity.verify.failed" });
       }
-    } else if (b === 0x5d || b === 0x7d) depth--;
+    } else if (b === 0x5d || b === 0x7d) {
+      frames.pop();
+      expectKey = false;
+    } else if (b === 0x2c) {
+      expectKey = frames.at(-1) != null;
+    }
   }
 }
 
@@ -92,7 +126,7 @@ export function jsonBody(opts: { limit: string; only?: boolean; otherTypes?: Reg
     type: JSON_TYPES,
     verify: (_req, _res, buf) => {
       assertUtf8(buf, "the JSON body");
-      assertJsonDepth(buf, "the JSON body");
+      assertJsonShape(buf, "the JSON body");
     },
   });
   return (req: Request, res: Response, next: NextFunction): void => {
