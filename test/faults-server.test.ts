@@ -7,7 +7,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { createClient } from "graphql-ws";
 import pg from "pg";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from "vitest";
 import WebSocket from "ws";
 import { projectRoot } from "../src/db/migrate.ts";
 import { databaseName } from "../src/db/urls.ts";
@@ -157,6 +157,9 @@ describe("a database backend dying mid-request", () => {
   });
 
   it("every backend of the database terminated while it refuses connections (a restart): 503s, /readyz red then green, everything back without a restart", async () => {
+    // PostGraphile's LISTEN connection (kept since the subscription test) reports its loss on the console itself.
+    const consoleError = vi.spyOn(console, "error").mockImplementation(() => {});
+    onTestFinished(() => consoleError.mockRestore());
     const worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: 1, credentialsKey: TEST_CREDENTIALS_KEY, sweepIntervalMs: 500 });
     // A GraphQL subscription and an event stream hold connections of their own.
     const events = new AbortController();
