@@ -5,14 +5,16 @@
 // a pooled connection.
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { createClient } from "graphql-ws";
 import pg from "pg";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from "vitest";
+import WebSocket from "ws";
 import { projectRoot } from "../src/db/migrate.ts";
 import { databaseName } from "../src/db/urls.ts";
 import type { RunningServer } from "../src/server/app.ts";
 import { PREVIEW_CELL_CHARS } from "../src/server/cap.ts";
 import { startWorker } from "../src/worker.ts";
-import { createUser, db, graphql, http, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
+import { createUser, db, graphql, http, logged, owner, startTestServer, TEST_CREDENTIALS_KEY, TEST_PASSWORD, type TestUser } from "./helpers.ts";
 
 // Lost connections are the point here: their (expected) errors are not logged.
 
@@ -129,7 +131,35 @@ describe("a database backend dying mid-request", () => {
     expect(approved.body.change_request.status).toBe("approved");
   });
 
+  it("a GraphQL subscription whose LISTEN connection is lost ends with database_unavailable, not an internal error", async () => {
+    const client = createClient({ url: server.url.replace(/^http/, "ws") + "/graphql", webSocketImpl: WebSocket, connectionParams: { authorization: `Bearer ${editorToken}` } });
+    const received: { code?: unknown; message: string }[] = [];
+    const logFrom = logged.length;
+    // @dataplan/pg reports the lost LISTEN connection on the console itself; kept off the test output.
+    const consoleError = vi.spyOn(console, "error").mockImplementation(() => {});
+    try {
+      client.subscribe({ query: 'subscription { events(topic: "changes") }' }, {
+        next: (msg) => void (msg.errors ?? []).forEach((e) => received.push({ code: e.extensions?.code, message: e.message })),
+        error: (e) => void (Array.isArray(e) ? e : [e]).forEach((x: any) => received.push({ code: x?.extensions?.code, message: String(x?.message ?? x) })),
+        complete: () => {},
+      });
+      const listener = await waitFor("the subscription's LISTEN", () => root(async (c) => (await c.query(
+        `select pid from pg_stat_activity where datname = $1 and usename = $2 and query ilike 'listen%snapbase_events:changes%'`, [DATABASE, db.roles.authenticator])).rows[0]?.pid));
+      await root((c) => c.query("select pg_terminate_backend($1)", [listener]));
+      await waitFor("the subscription to end with an error", async () => received.length > 0);
+      expect(received[0]).toEqual({ code: "database_unavailable", message: expect.stringMatching(/database is unavailable/) });
+      expect(logged.slice(logFrom).filter((line) => line.includes('"level":"error"'))).toEqual([]);
+    } finally {
+      consoleError.mockRestore();
+      await client.dispose();
+    }
+    await expectServing(server.url);
+  });
+
   it("every backend of the database terminated while it refuses connections (a restart): 503s, /readyz red then green, everything back without a restart", async () => {
+    // PostGraphile's LISTEN connection (kept since the subscription test) reports its loss on the console itself.
+    const consoleError = vi.spyOn(console, "error").mockImplementation(() => {});
+    onTestFinished(() => consoleError.mockRestore());
     const worker = await startWorker({ ownerUrl: db.ownerUrl, concurrency: 1, credentialsKey: TEST_CREDENTIALS_KEY, sweepIntervalMs: 500 });
     // A GraphQL subscription and an event stream hold connections of their own.
     const events = new AbortController();
@@ -261,13 +291,65 @@ describe("clients that hang up", () => {
     await expectServing(small.url);
   });
 
+  /** Starts requests that wait for a lock the test holds, lets `waiting` of them reach the lock, then has every client hang up:
+   *  each query is cancelled and each connection released while the lock is still held. */
+  async function hangUpWhileLocked(tables: string[], sends: ((signal: AbortSignal) => Promise<Response>)[], waiting: number, before?: () => Promise<void>): Promise<void> {
+    const holder = await locker();
+    await holder.query(`begin; ${tables.map((t) => `lock table ${t} in access exclusive mode`).join("; ")}`);
+    const aborts: AbortController[] = [];
+    try {
+      await before?.();
+      const requests = sends.map((send) => {
+        const controller = new AbortController();
+        aborts.push(controller);
+        return send(controller.signal).then(() => "answered", () => "aborted");
+      });
+      await waitFor(`${waiting} requests to wait for the lock`, async () => (await authenticatorBackends("wait_event_type = 'Lock'")) >= waiting);
+      for (const a of aborts) a.abort();
+      expect(await Promise.all(requests)).toEqual(Array(sends.length).fill("aborted"));
+      await waitFor("the waiting queries to be cancelled", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) === 0);
+      await waitFor("every connection to be released", async () => small.pools.authenticator.activeCount === 0);
+    } finally {
+      for (const a of aborts) a.abort();
+      await holder.query("rollback");
+      await holder.end();
+    }
+  }
+
+  const gql = (query: string, token: string) => (signal: AbortSignal) =>
+    fetch(`${small.url}/graphql`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${token}` }, body: JSON.stringify({ query }), signal });
+
+  it("GraphQL: queries and a mutation whose clients hang up are cancelled, never left waiting or applied later", async () => {
+    const change = await submitChange(`update ${SCHEMA}.items set label = 'never' where id = 4`);
+    const reject = gql(`mutation { rejectChange(input: { changeId: "${change}", reason: "gone" }) { result { status } } }`, adminToken);
+    const list = gql("{ allChangeRequests(first: 1) { nodes { rowId } } }", editorToken);
+    // The mutation first (so it surely reaches the lock), then more queries than the pool has connections.
+    await hangUpWhileLocked(["snapbase.change_requests"], [reject, ...Array.from({ length: POOL + 2 }, () => list)], POOL);
+    // Cancelled while the lock was held: the rejection was rolled back, not applied once the lock went.
+    expect((await owner().query("select status from snapbase.change_requests where id = $1", [change])).rows[0].status).toBe("pending");
+    await expectServing(small.url);
+  });
+
+  it("sign-in and the token check of a client that hangs up are cancelled (REST and GraphQL)", async () => {
+    const signIn = (signal: AbortSignal) => fetch(`${small.url}/api/v1/auth/login`, {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ email: editor.email, password: TEST_PASSWORD }), signal });
+    const rest = (signal: AbortSignal) => fetch(`${small.url}/api/v1/changes?status=pending`, { headers: { authorization: `Bearer ${editorToken}` }, signal });
+    await hangUpWhileLocked(["snapbase_private.sessions"], [signIn, rest, gql("{ currentAppRole }", editorToken)], 3);
+    await expectServing(small.url);
+  });
+
   it("shutdown with a request in flight and an open event stream ends within its drain time and stops what is left", async () => {
     const doomed = await startTestServer({ authenticatorPoolSize: POOL });
     await expectServing(doomed.url);
     const holder = await locker();
-    await holder.query("begin; lock table snapbase.snapshots in access exclusive mode");
+    await holder.query("begin; lock table snapbase.snapshots, snapbase.change_requests in access exclusive mode");
+    const logFrom = logged.length;
     try {
       const stuck = fetch(doomed.url + `/api/v1/snapshots/${snapshotId}`, { headers: { authorization: `Bearer ${adminToken}` } }).then((r) => r.status, () => "cut off");
+      const stuckGraphql = fetch(`${doomed.url}/graphql`, {
+        method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${editorToken}` },
+        body: JSON.stringify({ query: "{ allChangeRequests(first: 1) { nodes { rowId } } }" }),
+      }).then((r) => r.status, () => "cut off");
       const stream = await fetch(`${doomed.url}/api/v1/changes/events`, { headers: { authorization: `Bearer ${adminToken}` } });
       const streamEnded = (async () => {
         try {
@@ -277,10 +359,13 @@ describe("clients that hang up", () => {
         }
         return true;
       })();
-      await waitFor("the request to wait for the lock", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) >= 1);
+      await waitFor("the requests to wait for the lock", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) >= 2);
       await doomed.close({ drainMs: 500 });
       expect(await stuck).toBe("cut off");
+      expect(await stuckGraphql).toBe("cut off");
       expect(await streamEnded).toBe(true);
+      // Stopped at the end of the drain like a client that hung up, not only by the pool's last resort.
+      expect(logged.slice(logFrom).filter((line) => line.includes("closing database connections still in use"))).toEqual([]);
       // Its query was cancelled while the lock was still held: nothing waits any more.
       await waitFor("the stopped request's query to end", async () => (await authenticatorBackends("wait_event_type = 'Lock'")) === 0);
     } finally {
@@ -372,6 +457,90 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     expect((await owner().query("select count(*)::int as n from snapbase.change_requests where reason like '%' || chr(65533) || '%'")).rows[0].n).toBe(0);
   });
 
+  it("JSON or GraphQL text nested thousands of levels deep is 400 with the error shape, not a stack overflow", async () => {
+    const deep = (n: number) => "[".repeat(n) + "]".repeat(n);
+    const rest = await post("/api/v1/changes", `{"table_name": "${SCHEMA}.items", "sql": "select 1", "reason": ${deep(2000)}}`, "application/json");
+    expect(rest).toEqual({ status: 400, body: { error: { code: "json_too_deep", message: expect.stringMatching(/512/) } } });
+    // A JSON value in a deep object, with brackets inside strings that do not count.
+    const objects = `{"a":`.repeat(2000) + `"[[[{{{"` + "}".repeat(2000);
+    expect((await post("/api/v1/changes", objects, "application/json")).body.error.code).toBe("json_too_deep");
+    // Within the limit it is only an ordinary bad request.
+    expect((await post("/api/v1/changes", `{"table_name": 1, "x": ${deep(500)}}`, "application/json")).body.error.code).not.toBe("json_too_deep");
+
+    const variables = await post("/graphql", `{"query": "{ currentAppRole }", "variables": {"a": ${deep(2000)}}}`, "application/json");
+    expect(variables).toEqual({ status: 400, body: { errors: [{ message: expect.stringMatching(/512/), extensions: { code: "json_too_deep" } }] } });
+    const literal = await post("/graphql", JSON.stringify({ query: `{ resolveManagedTable(name: ${deep(3000)}) { id } }` }), "application/json");
+    expect(literal).toEqual({ status: 400, body: { errors: [{ message: expect.stringMatching(/512/), extensions: { code: "query_too_deep" } }] } });
+    // Brackets inside strings and comments are text, not nesting.
+    const quoted = await post("/graphql", JSON.stringify({ query: `# ${"[".repeat(3000)}\n{ resolveManagedTable(name: "${"[".repeat(3000)}") { id } }` }), "application/json");
+    expect(quoted.body.errors?.[0]?.extensions?.code).not.toBe("query_too_deep");
+  });
+
+  it("a query string that is not valid percent-encoded UTF-8 is 400, never stored with U+FFFD or its escapes as text", async () => {
+    const count = async () => Number((await owner().query("select count(*) from snapbase.csv_files")).rows[0].count);
+    const before = await count();
+    for (const name of ["a%ffb", "a%zb", "a%e", "caf%C3"]) {
+      const res = await post(`/api/v1/csv-files?name=${name}`, "id\n1\n", "text/csv");
+      expect(res, name).toEqual({ status: 400, body: { error: { code: "invalid_query", message: expect.stringMatching(/percent-encoded UTF-8/) } } });
+    }
+    expect(await count()).toBe(before);
+    // GraphQL and every other route alike.
+    const gql = await fetch(`${server.url}/graphql?x=%ff`, { method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${editorToken}` }, body: JSON.stringify({ query: "{ currentAppRole }" }) });
+    expect(gql.status).toBe(400);
+    expect((await gql.json()).errors[0].extensions.code).toBe("invalid_query");
+    // Valid escapes and '+' still read as they always did.
+    const ok = await post(`/api/v1/csv-files?name=caf%C3%A9+${RUN}.csv`, "id\n1\n", "text/csv");
+    expect(ok.status, JSON.stringify(ok.body)).toBe(201);
+    expect(ok.body.file.name).toBe(`café ${RUN}.csv`);
+  });
+
+  it("a CSV body in another charset or with a Content-Encoding is 415 on both CSV endpoints, never read as something else", async () => {
+    const wb = (await graphql(server.url, `mutation { createWorkbook(input: { name: "Charsets" }) { result { rowId } } }`, {}, editorToken)).body.data.createWorkbook.result.rowId;
+    const table = (await graphql(server.url, `mutation($w: BigInt!) { addWorkbookTable(input: { workbookId: $w, name: "T", columns: [{name: "id", type: "integer"}, {name: "note", type: "text"}] }) { result { rowId } } }`,
+      { w: wb }, editorToken)).body.data.addWorkbookTable.result.rowId;
+    const imports = async () => Number((await owner().query("select count(*) from snapbase.csv_imports")).rows[0].count);
+    const files = async () => Number((await owner().query("select count(*) from snapbase.csv_files")).rows[0].count);
+    const before = [await imports(), await files()];
+    // "é" in UTF-8, declared as Latin-1 (where the same bytes are "Ã©").
+    const csv = Buffer.concat([Buffer.from("id,note\n1,caf"), Buffer.from([0xc3, 0xa9]), Buffer.from("\n")]);
+    const send = (path: string, headers: Record<string, string>) => fetch(server.url + path, {
+      method: "POST", headers: { authorization: `Bearer ${editorToken}`, ...headers }, body: csv,
+    }).then(async (r) => ({ status: r.status, body: await r.json().catch(() => null) }));
+    for (const path of [`/api/v1/workbook-tables/${table}/imports`, `/api/v1/csv-files?name=enc-${RUN}.csv`]) {
+      expect(await send(path, { "content-type": "text/csv; charset=iso-8859-1" }), path)
+        .toEqual({ status: 415, body: { error: { code: "unsupported_charset", message: expect.stringMatching(/UTF-8/) } } });
+      for (const encoding of ["gzip", "br", "x-unknown"]) {
+        expect(await send(path, { "content-type": "text/csv", "content-encoding": encoding }), `${path} ${encoding}`)
+          .toEqual({ status: 415, body: { error: { code: "unsupported_content_encoding", message: expect.stringMatching(/identity/) } } });
+      }
+    }
+    expect([await imports(), await files()]).toEqual(before);
+    // As UTF-8 (declared or not, or with Content-Encoding: identity) it is what it says.
+    const ok = await send(`/api/v1/workbook-tables/${table}/imports`, { "content-type": "text/csv; charset=utf-8", "content-encoding": "identity" });
+    expect(ok.status, JSON.stringify(ok.body)).toBe(201);
+    expect(ok.body.preview.sample[0].cells[1]).toBe("café");
+  });
+
+  it("a JSON body with a key twice in one object is 400, not read as its last value", async () => {
+    const count = async () => Number((await owner().query("select count(*) from snapbase.change_requests")).rows[0].count);
+    const before = await count();
+    const change = (extra: string) => `{"table_name": "${SCHEMA}.items", "sql": "update ${SCHEMA}.items set label = 'x' where id = 5", "reason": "dup"${extra}}`;
+    for (const body of [
+      change(`, "sql": "update ${SCHEMA}.items set label = 'y' where id = 6"`),
+      change(`, "\\u0073ql": "select 1"`), // the same key, escaped
+      change(`, "edits": {"k": 1, "k": 2}`),
+    ]) {
+      const res = await post("/api/v1/changes", body, "application/json");
+      expect(res, body).toEqual({ status: 400, body: { error: { code: "duplicate_key", message: expect.stringMatching(/twice/) } } });
+    }
+    expect(await count()).toBe(before);
+    const gql = await post("/graphql", `{"query": "{ currentAppRole }", "query": "{ currentUserId }"}`, "application/json");
+    expect(gql).toEqual({ status: 400, body: { errors: [{ message: expect.stringMatching(/"query"/), extensions: { code: "duplicate_key" } }] } });
+    // The same key in different objects, and keys that only look alike, are fine.
+    const fine = await post("/graphql", `{"query": "{ currentAppRole }", "variables": {"a": [{"k": 1}, {"k": 2}], "b": {"k": {"k": 1}}, "K": 1, "k\\"": 2, "k": 3}}`, "application/json");
+    expect(fine).toEqual({ status: 200, body: { data: { currentAppRole: "editor" } } });
+  });
+
   it("a body of the wrong type is 415, not a misleading 400", async () => {
     const text = await post("/api/v1/changes", `table_name=${SCHEMA}.items`, "text/plain");
     expect(text).toEqual({ status: 415, body: { error: { code: "unsupported_media_type", message: expect.stringMatching(/JSON/) } } });
@@ -402,6 +571,26 @@ describe("bad input never gives a 500 and is never silently changed", () => {
     const gql = await graphql(server.url, `query($i: BigInt!) { csvImportPreview(importId: $i) }`, { i: String(body.import.id) }, editorToken);
     expect(gql.body.errors).toBeUndefined();
     expect(gql.body.data.csvImportPreview.sample[0].cells[1]).toBe(cell);
+  });
+
+  it("GraphQL BigInt arguments are read as strictly as REST ids: no spaces, signs or leading zeros, within bigint", async () => {
+    const query = "query($id: BigInt!) { snapshotRows(snapshotId: $id, first: 1) { nodes { ordinal } } }";
+    for (const bad of [" 1", "+1", "1 ", "01", "1e3", "0x1", "9223372036854775808", "", 1.5]) {
+      const variable = await graphql(server.url, query, { id: bad }, adminToken);
+      expect(variable.body.errors?.[0]?.extensions?.code, JSON.stringify(bad)).toBe("invalid_bigint");
+      expect(variable.body.data ?? null).toBe(null);
+    }
+    for (const bad of [" 1", "+1"]) {
+      const literal = await graphql(server.url, `{ snapshotRows(snapshotId: ${JSON.stringify(bad)}, first: 1) { nodes { ordinal } } }`, {}, adminToken);
+      expect(literal.status, JSON.stringify(literal.body)).toBe(400);
+      expect(literal.body.errors?.[0]?.extensions?.code).toBe("invalid_bigint");
+    }
+    // Canonical integers, as strings or JSON numbers, are read as always.
+    for (const good of [snapshotId, Number(snapshotId)]) {
+      const ok = await graphql(server.url, query, { id: good }, adminToken);
+      expect(ok.body.errors, JSON.stringify(good)).toBeUndefined();
+      expect(ok.body.data.snapshotRows.nodes).toHaveLength(1);
+    }
   });
 
   it("the largest bigint is an id like any other; one past it is refused", async () => {

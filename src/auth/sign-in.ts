@@ -3,6 +3,7 @@
 // wrong credentials, so the count is committed), then the server signs the JWT.
 import { isIP } from "node:net";
 import type pg from "pg";
+import { queryUnlessAborted } from "../db/request-client.ts";
 import { HttpError } from "../server/errors.ts";
 import { signClaims, type SessionClaims } from "./tokens.ts";
 
@@ -22,15 +23,18 @@ export class ThrottledError extends HttpError {
   }
 }
 
-/** A signed JWT for a new session, or 400 / 401 / 429. */
-export async function signIn(deps: SignInDeps, email: unknown, password: unknown, clientAddress: string | undefined): Promise<string> {
+/** A signed JWT for a new session, or 400 / 401 / 429. The signal (the client hung up,
+ *  shutdown) cancels the attempt: it rolls back, so no session is opened and no failure counted. */
+export async function signIn(deps: SignInDeps, email: unknown, password: unknown, clientAddress: string | undefined, signal?: AbortSignal): Promise<string> {
   if (typeof email !== "string" || typeof password !== "string" || email === "" || password === "") {
     throw new HttpError(400, "invalid_body", 'send an email and a password ({"email": "...", "password": "..."})');
   }
-  const { rows } = await deps.pool.query<{ outcome: string; retry_after: number | null; claims: SessionClaims | null }>(
+  const { rows } = await queryUnlessAborted<{ outcome: string; retry_after: number | null; claims: SessionClaims | null }>(
+    deps.pool,
     `select r.outcome, r.retry_after, to_jsonb(r.claims) as claims
        from snapbase_private.attempt_login($1, $2, $3::inet) r`,
     [email, password, clientAddress && isIP(clientAddress) ? clientAddress : null],
+    signal,
   );
   const r = rows[0]!;
   switch (r.outcome) {

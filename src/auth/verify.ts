@@ -5,6 +5,7 @@
 import jwt from "jsonwebtoken";
 import type pg from "pg";
 import type { RoleNames } from "../config.ts";
+import { queryUnlessAborted } from "../db/request-client.ts";
 import { HttpError } from "../server/errors.ts";
 import { JWT_AUDIENCE } from "./tokens.ts";
 
@@ -22,6 +23,8 @@ export interface AuthDeps {
 export interface AuthContext {
   /** Stream tokens are accepted only by the event streams (GET …/events). */
   allowStreamToken?: boolean;
+  /** The request's abort (client gone, shutdown): cancels the lookup. */
+  signal?: AbortSignal;
 }
 
 const userRoles = new Set(["viewer", "editor", "admin"]);
@@ -34,7 +37,7 @@ export async function settingsForAuthorization(header: string | undefined, deps:
   const match = /^Bearer\s+(\S+)$/i.exec(header.trim());
   if (!match) throw new HttpError(401, "invalid_authorization", "the Authorization header must be 'Bearer <token>'");
   const token = match[1]!;
-  const settings = token.startsWith(API_TOKEN_PREFIX) ? await settingsForApiToken(token, deps) : await settingsForJwt(token, deps, ctx);
+  const settings = token.startsWith(API_TOKEN_PREFIX) ? await settingsForApiToken(token, deps, ctx.signal) : await settingsForJwt(token, deps, ctx);
   return { ...settings, ...timeout };
 }
 
@@ -60,8 +63,8 @@ async function settingsForJwt(token: string, deps: AuthDeps, ctx: AuthContext): 
     throw new HttpError(401, "stream_token_not_allowed",
       "a stream token is accepted only by the event streams (GET …/events); use the token from sign-in or an API token");
   }
-  const { rows } = await deps.pool.query<{ email: string; role: string }>(
-    "select email, role from snapbase_private.resolve_session($1, $2)", [sessionId, userId]);
+  const { rows } = await queryUnlessAborted<{ email: string; role: string }>(deps.pool,
+    "select email, role from snapbase_private.resolve_session($1, $2)", [sessionId, userId], ctx.signal);
   const current = rows[0];
   if (!current || !userRoles.has(current.role)) {
     throw new HttpError(401, "session_ended",
@@ -76,15 +79,15 @@ async function settingsForJwt(token: string, deps: AuthDeps, ctx: AuthContext): 
   };
 }
 
-async function settingsForApiToken(token: string, deps: AuthDeps): Promise<PgSettings> {
-  const { rows } = await deps.pool.query<{
+async function settingsForApiToken(token: string, deps: AuthDeps, signal: AbortSignal | undefined): Promise<PgSettings> {
+  const { rows } = await queryUnlessAborted<{
     token_id: string;
     user_id: string;
     email: string;
     role: "viewer" | "editor" | "admin" | "agent";
     scopes: string[];
     workbook_id: string | null;
-  }>("select * from snapbase_private.resolve_api_token($1)", [token]);
+  }>(deps.pool, "select * from snapbase_private.resolve_api_token($1)", [token], signal);
   const t = rows[0];
   if (!t) throw new HttpError(401, "invalid_token", "the API token is unknown, expired or revoked, or its user is disabled");
   const settings: PgSettings = {

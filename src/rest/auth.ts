@@ -14,7 +14,7 @@ export function authRoutes(deps: { pool: pg.Pool; jwtSecret: string; clientAddre
     if (typeof email !== "string" || typeof password !== "string" || email === "" || password === "") {
       throw new HttpError(400, "invalid_body", 'send a JSON body {"email": "...", "password": "..."}');
     }
-    res.json({ token: await signIn(deps, email, password, deps.clientAddress(req)) });
+    res.json({ token: await signIn(deps, email, password, deps.clientAddress(req), req.abortSignal) });
   });
   return router;
 }

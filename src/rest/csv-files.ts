@@ -8,7 +8,7 @@ import type pg from "pg";
 import { inspectCsv } from "../connectors/csv.ts";
 import { ConnectorError } from "../connectors/types.ts";
 import { withUserTransaction } from "../db/request-client.ts";
-import { assertUtf8 } from "../server/body.ts";
+import { assertPlainUtf8Csv, assertUtf8 } from "../server/body.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
 
@@ -20,9 +20,10 @@ const parseCsvBody = express.raw({ type: "text/csv", limit: CSV_UPLOAD_LIMIT });
 /** The body as strict UTF-8 text (a byte that is not UTF-8 is refused, never replaced by U+FFFD),
  *  with the parser's failures (too large) reported as client errors. */
 function csvBody(req: Request, res: Response, next: NextFunction): void {
-  const charset = /;\s*charset\s*=\s*"?([^";\s]+)/i.exec(req.headers["content-type"] ?? "")?.[1];
-  if (charset !== undefined && !/^utf-?8$/i.test(charset)) {
-    return next(new HttpError(415, "unsupported_charset", `send the CSV file as UTF-8 (got charset ${JSON.stringify(charset)})`));
+  try {
+    assertPlainUtf8Csv(req);
+  } catch (e) {
+    return next(e);
   }
   parseCsvBody(req, res, (error?: unknown) => {
     if (!error) {

@@ -15,6 +15,7 @@ import { from as copyFrom } from "pg-copy-streams";
 import { csvProblem } from "../connectors/csv.ts";
 import { CsvTypeRules, type CsvColumnKinds } from "../connectors/csv-inference.ts";
 import { withUserTransaction } from "../db/request-client.ts";
+import { assertPlainUtf8Csv } from "../server/body.ts";
 import { capStrings } from "../server/cap.ts";
 import { HttpError } from "../server/errors.ts";
 import { idParam } from "./params.ts";
@@ -99,6 +100,7 @@ export function importRoutes(deps: { pool: pg.Pool }): Router {
   router.post("/workbook-tables/:id/imports", async (req, res) => {
     const id = idParam(req);
     if (!req.is("text/csv")) throw new HttpError(415, "unsupported_media_type", "send the file as text/csv");
+    assertPlainUtf8Csv(req);
     const result = await withUserTransaction(deps.pool, req.pgSettings!, async (c) => {
       // Strict: every row must have as many fields as the header, and quotes must close.
       const progress: ParseProgress = { lastLine: 0 };

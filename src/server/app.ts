@@ -25,6 +25,7 @@ import { exactJsonBody, restJsonTypes } from "../rest/json.ts";
 import { EventHub } from "../realtime/hub.ts";
 import { jsonBody } from "./body.ts";
 import { HttpError, toClientError } from "./errors.ts";
+import { parseQueryStrict } from "./query.ts";
 import { cspNonces, httpPgSettings, makePreset, throttledRequests } from "./graphql.ts";
 
 export interface ServerOptions {
@@ -69,15 +70,21 @@ declare module "express-serve-static-core" {
 
 export const DEFAULT_SHUTDOWN_DRAIN_MS = 10_000;
 
-// A client that goes away (or a shutdown that cuts it off) aborts the request's
-// database work: see withUserTransaction.
-function abortOnHangUp(req: Request, res: Response, next: NextFunction): void {
-  const controller = new AbortController();
-  req.abortSignal = controller.signal;
-  res.once("close", () => {
-    if (!res.writableFinished) controller.abort();
-  });
-  next();
+// A client that goes away, or the end of shutdown's drain (`stopped`), aborts the
+// request's database work (REST, GraphQL, sign-in, token checks): see withAbortableClient.
+function abortOnHangUp(stopped: AbortSignal) {
+  return (req: Request, res: Response, next: NextFunction): void => {
+    const controller = new AbortController();
+    req.abortSignal = controller.signal;
+    const stop = () => controller.abort();
+    if (stopped.aborted) stop();
+    else stopped.addEventListener("abort", stop, { once: true });
+    res.once("close", () => {
+      stopped.removeEventListener("abort", stop);
+      if (!res.writableFinished) controller.abort();
+    });
+    next();
+  };
 }
 
 function requestLog(req: Request, res: Response, next: NextFunction): void {
@@ -107,7 +114,10 @@ function authorizationOf(req: Request): string | undefined {
 function authenticate(auth: AuthDeps) {
   return async (req: Request, _res: Response, next: NextFunction) => {
     // Stream tokens only open event streams (under /api/v1; GraphQL never takes them).
-    const settings = await settingsForAuthorization(authorizationOf(req), auth, { allowStreamToken: req.baseUrl === "/api/v1" && isEventStream(req) });
+    const settings = await settingsForAuthorization(authorizationOf(req), auth, {
+      allowStreamToken: req.baseUrl === "/api/v1" && isEventStream(req),
+      signal: req.abortSignal,
+    });
     req.pgSettings = settings;
     httpPgSettings.set(req, settings);
     next();
@@ -275,6 +285,8 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   const restPool = requestPool("rest", opts.restPoolSize ?? 10, { types: restJsonTypes, sessionSettings: { TimeZone: "UTC" } });
   const ownerPool = createPool({ name: "owner", connectionString: opts.ownerUrl, max: 2, connectionTimeoutMillis: 15_000 });
   const shutdown = new AbortController();
+  // Aborted at the end of shutdown's drain: what still runs is stopped like a client that hung up.
+  const stopped = new AbortController();
   const drainMs = opts.shutdownDrainMs ?? DEFAULT_SHUTDOWN_DRAIN_MS;
   const auth: AuthDeps = { jwtSecret: opts.jwtSecret, roles: opts.roles, pool: authPool, statementTimeoutMs: opts.statementTimeoutMs };
   const http: HttpOptions = { ...developmentHttpOptions, ...opts.http };
@@ -294,9 +306,20 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
     next();
   });
   app.set("trust proxy", http.trustProxy);
+  // Query strings decoded strictly (bad escapes and bytes that are not UTF-8 are 400), and
+  // read at once, so every route (GraphQL's too) refuses them before doing anything.
+  app.set("query parser", parseQueryStrict);
   const clientAddress = clientAddressFn(app);
   app.use(requestLog);
-  app.use(abortOnHangUp);
+  app.use(abortOnHangUp(stopped.signal));
+  app.use((req, _res, next) => {
+    try {
+      void req.query;
+    } catch (error) {
+      return next(error);
+    }
+    next();
+  });
   app.use(securityHeaders());
   if (http.corsOrigins.length > 0) {
     app.use(cors({
@@ -370,7 +393,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
   app.use("/graphql", authenticate(auth), throttledGraphqlStatus);
 
   const httpServer = createServer(app);
-  const preset = makePreset({ pool: authPool, auth, http, clientAddress });
+  const preset = makePreset({ pool: authPool, auth, http, clientAddress, stopped: stopped.signal });
   const pgl = postgraphile(preset);
   // Built (the catalog read) before the server listens: PostGraphile keeps the first
   // build's result, so a build cut off by a lost connection would fail GraphQL until
@@ -412,6 +435,7 @@ export async function startServer(opts: ServerOptions): Promise<RunningServer> {
       clearTimeout(timer);
       if (inFlight > 0) log.warn("shutdown: stopping requests still in flight", { count: inFlight });
     }
+    stopped.abort();
     httpServer.closeAllConnections();
     for (const socket of upgraded) socket.destroy();
     await serv.release(); // also releases the PostGraphile instance

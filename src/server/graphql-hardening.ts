@@ -20,7 +20,11 @@ import {
   type ArgumentNode, type DocumentNode, type FieldNode, GraphQLError, type GraphQLSchema, Kind, TypeInfo, validate, visit,
   visitWithTypeInfo, type ValidationContext, type ValidationRule, type ValueNode,
 } from "postgraphile/graphql";
+import { SafeError } from "postgraphile/grafast";
 import type { HttpOptions } from "../config.ts";
+import { ExactNumber } from "../exact-json.ts";
+import { isCanonicalBigint } from "../rest/params.ts";
+import { MAX_NESTING } from "./body.ts";
 
 type Limits = HttpOptions["graphqlLimits"];
 
@@ -158,6 +162,58 @@ export function usesIntrospection(document: import("postgraphile/graphql").Docum
   return found;
 }
 
+/** How deeply a GraphQL document nests braces, brackets and parentheses (strings,
+ *  block strings and comments skipped), counted without recursion: graphql-js'
+ *  recursive parser overflows the stack on a list literal a few thousand deep. */
+export function nestingDepth(text: string, limit: number): number {
+  let depth = 0;
+  let max = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 0x23) {
+      // # comment, to the end of the line
+      while (i < text.length && text.charCodeAt(i) !== 0x0a && text.charCodeAt(i) !== 0x0d) i++;
+    } else if (c === 0x22) {
+      if (text.startsWith('"""', i)) {
+        // block string: ends at """ not preceded by a backslash
+        i += 3;
+        while (i < text.length && !text.startsWith('"""', i)) i += text.startsWith('\\"""', i) ? 4 : 1;
+        i += 2;
+      } else {
+        i++;
+        while (i < text.length && text.charCodeAt(i) !== 0x22 && text.charCodeAt(i) !== 0x0a) i += text.charCodeAt(i) === 0x5c ? 2 : 1;
+      }
+    } else if (c === 0x7b || c === 0x5b || c === 0x28) {
+      if (++depth > max) max = depth;
+      if (max > limit) return max;
+    } else if (c === 0x7d || c === 0x5d || c === 0x29) depth--;
+  }
+  return max;
+}
+
+const invalidBigint = (shown: string) =>
+  new GraphQLError(`a BigInt must be an integer from -9223372036854775808 to 9223372036854775807 written with digits only (no spaces, "+" or leading zeros); got ${shown.slice(0, 50)}`, {
+    extensions: { code: "invalid_bigint" },
+  });
+
+/** A BigInt input as the canonical text REST ids use (isCanonicalBigint): a string, a JSON
+ *  integer, or a wide JSON integer kept exact (ExactNumber). */
+export function parseBigintInput(value: unknown): string {
+  const text = typeof value === "string" ? value
+    : typeof value === "number" && Number.isSafeInteger(value) ? String(value)
+    : value instanceof ExactNumber ? value.text
+    : undefined;
+  if (text === undefined || !isCanonicalBigint(text)) throw invalidBigint(typeof value === "string" ? JSON.stringify(value) : String(value));
+  return text;
+}
+
+/** A refusal grafserv answers itself, before parsing (HTTP status 400; the status stays out of the JSON). */
+function refusal(message: string, code: string): SafeError {
+  const extensions: Record<string, unknown> = { code };
+  Object.defineProperty(extensions, "statusCode", { value: 400, enumerable: false });
+  return new SafeError(message, extensions);
+}
+
 export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: string }): GraphileConfig.Plugin {
   const { http } = opts;
   const runDocuments = new WeakMap<DocumentNode, DocumentNode>();
@@ -166,10 +222,34 @@ export function makeHardeningPlugin(opts: { http: HttpOptions; anonymousRole: st
     version: "1.0.0",
     grafserv: {
       middleware: {
+        processGraphQLRequestBody(next, event) {
+          const query = (event.body as { query?: unknown }).query;
+          if (typeof query === "string" && nestingDepth(query, MAX_NESTING) > MAX_NESTING) {
+            throw refusal(`the GraphQL document nests braces, brackets and parentheses more than ${MAX_NESTING} levels deep`, "query_too_deep");
+          }
+          return next();
+        },
         setPreset(next, event) {
           const rules = [...event.validationRules, ...limitRules(http.graphqlLimits)];
           event.validationRules.splice(0, event.validationRules.length, ...(http.suggestions ? rules : rules.map(withoutSuggestions)));
           return next();
+        },
+      },
+    },
+    schema: {
+      hooks: {
+        // BigInt arguments: PostgreSQL's int8 input would take " 1" and "+1"; REST refuses them, and so does GraphQL.
+        GraphQLScalarType(config, build) {
+          if (config.name !== build.inflection.builtin("BigInt")) return config;
+          return {
+            ...config,
+            parseValue: parseBigintInput,
+            parseLiteral(ast) {
+              // (As before: a literal BigInt is a string, "5", not 5.)
+              if (ast.kind === Kind.STRING) return parseBigintInput(ast.value);
+              throw invalidBigint(`a literal of kind ${ast.kind} (write it as a string)`);
+            },
+          };
         },
       },
     },

@@ -2,15 +2,18 @@
 // operation running as the caller's role (HTTP header or WebSocket connectionParams).
 import type { IncomingMessage } from "node:http";
 import type pg from "pg";
-import { makePgService } from "postgraphile/adaptors/pg";
+import type { WithPgClient } from "postgraphile/@dataplan/pg";
+import type WebSocket from "ws";
+import { makePgService, makeWithPgClientViaPgClientAlreadyInTransaction, type NodePostgresPgClient } from "postgraphile/adaptors/pg";
 import { GraphQLError } from "postgraphile/graphql";
 import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
 import { signIn, ThrottledError } from "../auth/sign-in.ts";
 import { settingsForAuthorization, type AuthDeps, type PgSettings } from "../auth/verify.ts";
 import { developmentHttpOptions, type HttpOptions } from "../config.ts";
+import { RequestAbortedError, withAbortableClient } from "../db/request-client.ts";
 import { log } from "../log.ts";
 import { makeAuthPlugin } from "./auth-plugin.ts";
-import { toClientError } from "./errors.ts";
+import { DATABASE_UNAVAILABLE, toClientError } from "./errors.ts";
 import { installExactJsonCodecs } from "./exact-json.ts";
 import { makeHardeningPlugin, stripSuggestions } from "./graphql-hardening.ts";
 import { PreviewCapPlugin } from "./cap.ts";
@@ -39,6 +42,44 @@ const RuruNoncePlugin: GraphileConfig.Plugin = {
   },
 };
 
+/**
+ * PostGraphile's withPgClient for one request, stopped by its signal as REST is
+ * (withAbortableClient): a client that hangs up, or the end of shutdown's drain,
+ * cancels the running query, rolls the transaction back and destroys the
+ * connection instead of leaving it waiting, or letting a mutation commit for
+ * nobody. Each call takes its own connection, as @dataplan/pg's own adaptor does.
+ */
+function abortableWithPgClient(pool: pg.Pool, signal: AbortSignal): WithPgClient<NodePostgresPgClient> {
+  return (pgSettings, callback) =>
+    withAbortableClient(pool, signal, (client) => makeWithPgClientViaPgClientAlreadyInTransaction(client)(pgSettings, callback));
+}
+
+/** One signal per WebSocket: aborted when it closes or when shutdown stops what is left. */
+const socketSignals = new WeakMap<object, AbortSignal>();
+function socketSignal(socket: WebSocket | undefined, stopped: AbortSignal): AbortSignal {
+  if (!socket) return stopped;
+  let signal = socketSignals.get(socket);
+  if (!signal) {
+    const controller = new AbortController();
+    const stop = () => controller.abort();
+    if (socket.readyState === socket.CLOSED || stopped.aborted) stop();
+    else {
+      stopped.addEventListener("abort", stop, { once: true });
+      socket.once("close", () => {
+        stopped.removeEventListener("abort", stop);
+        stop();
+      });
+    }
+    signal = controller.signal;
+    socketSignals.set(socket, signal);
+  }
+  return signal;
+}
+
+/** How @dataplan/pg's PgSubscriber ends subscriptions when its LISTEN connection is lost. */
+const isPubsubInterrupted = (error: unknown): boolean =>
+  error instanceof Error && error.message.startsWith("Underlying pubsub channel interrupted");
+
 function makeMaskError(http: HttpOptions) {
   const trim = (error: GraphQLError): GraphQLError =>
     http.suggestions || !/Did you mean/.test(error.message)
@@ -47,6 +88,17 @@ function makeMaskError(http: HttpOptions) {
   return function maskError(error: GraphQLError): GraphQLError {
     const original = error.originalError;
     if (!original || original instanceof GraphQLError) return trim(error);
+    if (isPubsubInterrupted(original)) {
+      // The LISTEN connection was lost (restart, failover, terminated backend): @dataplan/pg ends
+      // every subscription rather than risk a missed event. Clients subscribe again and catch up.
+      log.warn("GraphQL subscription ended: its LISTEN connection was lost", { path: error.path });
+      return new GraphQLError(DATABASE_UNAVAILABLE.message, { nodes: error.nodes, path: error.path, extensions: { code: DATABASE_UNAVAILABLE.code } });
+    }
+    if (original instanceof RequestAbortedError) {
+      // Nobody is left to read it (the client hung up, or shutdown stopped the request).
+      log.info("request aborted", { path: error.path });
+      return new GraphQLError(original.message, { nodes: error.nodes, path: error.path, extensions: { code: "request_aborted" } });
+    }
     const client = toClientError(original);
     if (client) {
       return new GraphQLError(client.message, {
@@ -72,12 +124,15 @@ export function makePreset(opts: {
   http?: HttpOptions;
   /** The client's address (after `trust proxy`) of an HTTP request or WebSocket upgrade, for sign-in throttling. */
   clientAddress?: (req: IncomingMessage) => string | undefined;
+  /** Aborted at the end of shutdown's drain: GraphQL work still running is stopped. */
+  stopped?: AbortSignal;
 }): GraphileConfig.Preset {
   const http = opts.http ?? developmentHttpOptions;
+  const stopped = opts.stopped ?? new AbortController().signal;
   const signInDeps = { pool: opts.pool, jwtSecret: opts.auth.jwtSecret };
-  const signInFrom = (req: IncomingMessage | undefined, address: string | undefined) => async (email: unknown, password: unknown) => {
+  const signInFrom = (req: IncomingMessage | undefined, address: string | undefined, signal: AbortSignal) => async (email: unknown, password: unknown) => {
     try {
-      return await signIn(signInDeps, email, password, address);
+      return await signIn(signInDeps, email, password, address, signal);
     } catch (error) {
       if (error instanceof ThrottledError && req) throttledRequests.set(req, Math.max(error.retryAfter, throttledRequests.get(req) ?? 0));
       throw error;
@@ -101,17 +156,23 @@ export function makePreset(opts: {
       async context(requestContext) {
         const req = requestContext.node?.req;
         const fromHttp = req ? httpPgSettings.get(req) : undefined;
-        if (req && fromHttp) return { pgSettings: fromHttp, signIn: signInFrom(req, opts.clientAddress?.(req)) };
+        if (req && fromHttp) {
+          // Set by the app (abortOnHangUp): the client hung up, or shutdown stopped the request.
+          const signal = (req as IncomingMessage & { abortSignal?: AbortSignal }).abortSignal ?? stopped;
+          return { pgSettings: fromHttp, withPgClient: abortableWithPgClient(opts.pool, signal), signIn: signInFrom(req, opts.clientAddress?.(req), signal) };
+        }
         const ws = requestContext.ws;
         if (ws) {
           const header = ws.normalizedConnectionParams?.authorization;
           const upgrade = ws.request as IncomingMessage | undefined;
           const authorization = typeof header === "string" ? header : undefined;
+          const signal = socketSignal(ws.socket, stopped);
           return {
-            pgSettings: await settingsForAuthorization(authorization, opts.auth),
+            pgSettings: await settingsForAuthorization(authorization, opts.auth, { signal }),
             // Subscriptions resolve the token again before each event (realtime-plugin.ts).
-            reauthorize: () => settingsForAuthorization(authorization, opts.auth),
-            signIn: signInFrom(undefined, upgrade ? opts.clientAddress?.(upgrade) : undefined),
+            reauthorize: () => settingsForAuthorization(authorization, opts.auth, { signal }),
+            withPgClient: abortableWithPgClient(opts.pool, signal),
+            signIn: signInFrom(undefined, upgrade ? opts.clientAddress?.(upgrade) : undefined, signal),
           };
         }
         return { pgSettings: { role: opts.auth.roles.anonymous } };
