@@ -169,8 +169,11 @@ export function makePreset(opts: {
           const signal = socketSignal(ws.socket, stopped);
           return {
             pgSettings: await settingsForAuthorization(authorization, opts.auth, { signal }),
-            // Subscriptions resolve the token again before each event (realtime-plugin.ts).
-            reauthorize: () => settingsForAuthorization(authorization, opts.auth, { signal }),
+            // Subscriptions resolve the token again before each event (realtime-plugin.ts),
+            // one check per token and event shared by every socket holding it: so it is
+            // stopped by shutdown, not by one of those sockets closing.
+            reauthorize: () => settingsForAuthorization(authorization, opts.auth, { signal: stopped }),
+            reauthorizeKey: authorization ?? "",
             withPgClient: abortableWithPgClient(opts.pool, signal),
             signIn: signInFrom(undefined, upgrade ? opts.clientAddress?.(upgrade) : undefined, signal),
           };

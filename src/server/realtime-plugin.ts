@@ -29,6 +29,8 @@ declare global {
     interface Context {
       /** Resolves the WebSocket connection's token again (its session may have ended since). */
       reauthorize?: Reauthorize;
+      /** What reauthorize checks (the token itself): subscribers holding the same token share one check per event. */
+      reauthorizeKey?: string;
     }
   }
 }
@@ -50,7 +52,7 @@ async function stillAuthorized(reauthorize: Reauthorize | undefined, settings: P
 }
 
 /** Yields the events of `source` (NOTIFY payloads) that `visible` returns, skipping the rest. */
-function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Promise<unknown>, authorized: () => Promise<void>): AsyncIterableIterator<unknown> {
+function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Promise<unknown>, authorized: (id: number) => Promise<void>): AsyncIterableIterator<unknown> {
   const done = { done: true as const, value: undefined };
   const iterator: AsyncIterableIterator<unknown> = {
     async next() {
@@ -65,7 +67,7 @@ function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Pr
         }
         if (typeof id !== "number" || !Number.isSafeInteger(id) || id <= 0) continue;
         try {
-          await authorized();
+          await authorized(id);
         } catch (error) {
           await source.return?.();
           throw error;
@@ -91,6 +93,23 @@ function visibleOnly(source: AsyncIterator<unknown>, visible: (id: number) => Pr
 
 export const RealtimePlugin = extendSchema(() => {
   const answers = new Map<string, Promise<unknown>>();
+  const checks = new Map<string, Promise<PgSettings>>();
+
+  /** The token checked again for event `id`: once per token and event, however many subscribers hold it. */
+  function sharedReauthorize(reauthorize: Reauthorize | undefined, key: string | undefined, id: number): Reauthorize | undefined {
+    if (!reauthorize || key === undefined) return reauthorize;
+    return () => {
+      const shareKey = `${id}\n${key}`;
+      let check = checks.get(shareKey);
+      if (!check) {
+        check = reauthorize();
+        checks.set(shareKey, check);
+        setTimeout(() => checks.delete(shareKey), SHARED_ANSWER_MS).unref();
+        check.catch(() => {});
+      }
+      return check;
+    };
+  }
 
   function visibleEvent(query: Query, settings: PgSettings, id: number): Promise<unknown> {
     const key = `${id}\n${settingsIdentity(settings)}`;
@@ -105,7 +124,9 @@ export const RealtimePlugin = extendSchema(() => {
   }
 
   /** The subscriber's view of pgSubscriber: the topic checked first, then only the events it may see. */
-  function subscriberFor(pgSubscriber: GrafastSubscriber, withPgClient: WithPgClient, settings: PgSettings, reauthorize: Reauthorize | undefined): GrafastSubscriber {
+  function subscriberFor(
+    pgSubscriber: GrafastSubscriber, withPgClient: WithPgClient, settings: PgSettings, reauthorize: Reauthorize | undefined, reauthorizeKey: string | undefined,
+  ): GrafastSubscriber {
     const query: Query = (s, text, values) =>
       withPgClient(s, async (client) => (await client.query<{ e: unknown }>({ text, values })).rows[0]?.e ?? null);
     return {
@@ -119,7 +140,8 @@ export const RealtimePlugin = extendSchema(() => {
           await source.return?.();
           throw error;
         }
-        return visibleOnly(source, (id) => visibleEvent(query, settings, id), () => stillAuthorized(reauthorize, settings));
+        return visibleOnly(source, (id) => visibleEvent(query, settings, id),
+          (id) => stillAuthorized(sharedReauthorize(reauthorize, reauthorizeKey, id), settings));
       },
     };
   }
@@ -144,10 +166,11 @@ export const RealtimePlugin = extendSchema(() => {
             subscribePlan(_$root, fieldArgs) {
               const $context = context();
               const $subscriber = lambda(
-                list([$context.get("pgSubscriber"), $context.get("withPgClient"), $context.get("pgSettings"), $context.get("reauthorize")]),
-                ([pgSubscriber, withPgClient, settings, reauthorize]) =>
+                list([$context.get("pgSubscriber"), $context.get("withPgClient"), $context.get("pgSettings"), $context.get("reauthorize"), $context.get("reauthorizeKey")]),
+                ([pgSubscriber, withPgClient, settings, reauthorize, reauthorizeKey]) =>
                   pgSubscriber
-                    ? subscriberFor(pgSubscriber as GrafastSubscriber, withPgClient as WithPgClient, (settings ?? {}) as PgSettings, reauthorize as Reauthorize | undefined)
+                    ? subscriberFor(pgSubscriber as GrafastSubscriber, withPgClient as WithPgClient, (settings ?? {}) as PgSettings,
+                        reauthorize as Reauthorize | undefined, reauthorizeKey as string | undefined)
                     : null,
               );
               return listen($subscriber, lambda(fieldArgs.getRaw("topic"), (topic) => String(topic)));
