@@ -73,15 +73,17 @@ begin
       perform snapbase_private.require_account(split_part(topic, ':', 2)::bigint);
     end if;
     -- An event about a table is shown to an agent only while that table exists and is
-    -- not hidden, or when it says a table the agent could see was removed.
+    -- not hidden, or when it says a table the agent could see was removed; and not when
+    -- it tells of an edit of hidden columns only.
     return query
-      select jsonb_build_object('id', e.id, 'topic', e.topic, 'kind', e.kind) || (e.payload - 'hidden')
+      select jsonb_build_object('id', e.id, 'topic', e.topic, 'kind', e.kind) || (e.payload - 'hidden' - 'hidden_only')
         from snapbase_private.events e
        where e.topic = visible_events.topic and e.id > coalesce(after_id, 0)
          and (e.payload ->> 'table_id' is null or snapbase.current_app_role() is distinct from 'agent'
               or exists (select 1 from snapbase.workbook_tables wt
                           where wt.id = (e.payload ->> 'table_id')::bigint and not wt.hidden)
               or (e.kind = 'table_removed' and e.payload -> 'hidden' = 'false'::jsonb))
+         and not (snapbase.current_app_role() = 'agent' and coalesce(e.payload -> 'hidden_only' = 'true'::jsonb, false))
        order by e.id limit max_events;
   elsif topic ~ '^(workbook|account):\d+$' then
     -- An id too large to exist: the same answer as any other missing one.
@@ -217,6 +219,9 @@ AS $function$
 declare
   affected bigint;
   what text;
+  visible_change boolean := true;
+  -- Hidden from agents: an edit of only these is not an event they may see.
+  hidden text[] := coalesce((select wt.hidden_columns from snapbase.workbook_tables wt where wt.id = tg_argv[1]::bigint), '{}');
 begin
   if tg_op = 'INSERT' then
     select count(*), case when bool_and(__sb_n.__suggested_new) then 'suggested' when bool_and(__sb_n.__seen_job is not null) then 'downloaded' else 'created' end
@@ -236,23 +241,28 @@ begin
              when bool_or(not (__sb_o.__suggested @> __sb_n.__suggested) or __sb_n.__suggest_delete is not null and __sb_o.__suggest_delete is null) then 'suggested'
              when bool_or(__sb_n.__suggested <> __sb_o.__suggested or __sb_n.__suggest_delete is distinct from __sb_o.__suggest_delete) then 'rejected'
              else 'updated'
-           end
-      into affected, what
+           end,
+           bool_or(__sb_c.visible_changed)
+      into affected, what, visible_change
       from new_rows __sb_n join old_rows __sb_o on __sb_o.__id = __sb_n.__id,
            lateral (select (to_jsonb(__sb_n.*) - snapbase_private.record_meta_columns()) is distinct from (to_jsonb(__sb_o.*) - snapbase_private.record_meta_columns())
                              or __sb_n.__deleted <> __sb_o.__deleted as data_changed,
+                           case when cardinality(hidden) = 0 then true  -- the usual case: no second comparison
+                                else (to_jsonb(__sb_n.*) - snapbase_private.record_meta_columns() - hidden) is distinct from (to_jsonb(__sb_o.*) - snapbase_private.record_meta_columns() - hidden)
+                                     or __sb_n.__deleted <> __sb_o.__deleted end as visible_changed,
                            __sb_n.__publish is distinct from __sb_o.__publish as publish_changed) __sb_c;
   end if;
   -- A bulk edit announces itself once, at its end.
   -- 'updated' alone (edit flags, timestamps, records taken for a publish) is bookkeeping that follows another event.
   if affected > 0 and what <> 'updated' and current_setting('snapbase.quiet_record_events', true) is distinct from 'on' then
     perform snapbase_private.emit('workbook:' || tg_argv[0], 'records', jsonb_build_object('table_id', tg_argv[1]::bigint,
-      'action', what, 'count', affected));
+      'action', what, 'count', affected)
+      || case when what = 'edited' and not visible_change then '{"hidden_only": true}'::jsonb else '{}'::jsonb end);
   end if;
   return null;
 end;
 $function$;
-comment on function snapbase_private.tg__records_event() is 'Record changes as one event per statement (a 10,000-row accept is one event), saying what happened from the rows before and after.';
+comment on function snapbase_private.tg__records_event() is 'Record changes as one event per statement (a 10,000-row accept is one event), saying what happened from the rows before and after. An edit of columns hidden from agents only is marked hidden_only, and agents are not shown it.';
 
 -- fires as trigger _500_event on snapbase.snapshots
 CREATE OR REPLACE FUNCTION snapbase_private.tg__snapshot_event()

@@ -246,6 +246,22 @@ describe("agents", () => {
     }
   });
 
+  it("is not told by events that a column hidden from it was edited", async () => {
+    const recordEvents = async () => ((await ok(agent, `query($t: String!) { visibleEvents(topic: $t) { nodes } }`, { t: `workbook:${wb}` }))
+      .visibleEvents.nodes as any[]).filter((e) => e.kind === "records" && String(e.table_id) === String(shown));
+    const edit = (values: Record<string, unknown>) => ok(session,
+      `mutation($t: BigInt!, $r: BigInt!, $v: JSON!) { updateRecord(input: { tableId: $t, recordId: $r, values: $v }) { clientMutationId } }`,
+      { t: shown, r: records.created, v: values });
+    const before = await recordEvents();
+    await edit({ [HIDDEN_COL]: `${HIDDEN_VALUE}-edited-again` }); // before: the agent got {action: "edited", count: 1}
+    expect(await recordEvents()).toEqual(before);
+    await edit({ name: "renamed" });
+    const after = await recordEvents();
+    expect(after).toHaveLength(before.length + 1);
+    expect(after.at(-1)).toMatchObject({ action: "edited", count: 1 });
+    expect(after.at(-1)).not.toHaveProperty("hidden_only");
+  });
+
   it("loses its access when its user can no longer edit the workbook", async () => {
     const bob = await createUser("editor", "agent-sharer");
     const token = await tokenFor(bob);
